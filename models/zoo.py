@@ -29,13 +29,13 @@ REFERENCE_WEIGHTS = Path(__file__).parent / "assets" / "vit_fmnist.safetensors"
 
 # The embedded reference model: torchvision's ViT layout (class token, token
 # pooling, qkv bias, LayerNorm eps 1e-6), sized for 28x28 grey images.
-VIT_FMNIST_ARGS = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, depth=4,
+VIT_FMNIST_ARGS = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=96, depth=4,
                        num_heads=4, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token")
 
 
 @register_model
 def vit_fmnist(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Small ViT (4 blocks, dim 64, 4 heads, patch 4) trained on Fashion-MNIST."""
+    """Small ViT (4 blocks, dim 96, 4 heads, patch 7: 16 patches + class token) trained on Fashion-MNIST."""
     kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
     model = VisionTransformer(**{**VIT_FMNIST_ARGS, **kwargs})
     if pretrained:

@@ -1,0 +1,164 @@
+"""Streaming statistics of every neuron's input, with memory bounded independently of the data.
+
+Each neuron gets a ``RunningHistogram``: counts of positive and of negative
+magnitudes in ``bins`` equal bins over [0, R], where R is a power of two that
+doubles (merging neighbouring bins) whenever a larger value arrives, plus exact
+maxima. Per-channel histograms keep one row per channel of the last axis.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Dict, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from models.neurons import BaseNeuron
+from models.state import reset_net, set_step_mode
+
+
+class RunningHistogram:
+    """Histogram of x > 0 and of -x for x < 0 (zeros counted apart), over a range that grows by doubling."""
+
+    def __init__(self, bins: int = 2048, channels: Optional[int] = None) -> None:
+        self.bins = bins
+        self.channels = channels
+        rows = channels or 1
+        self.pos = torch.zeros(rows, bins, dtype=torch.float64)
+        self.neg = torch.zeros(rows, bins, dtype=torch.float64)
+        self.zeros = torch.zeros(rows, dtype=torch.float64)
+        self.max_pos = torch.zeros(rows, dtype=torch.float64)
+        self.max_neg = torch.zeros(rows, dtype=torch.float64)
+        self.range = 0.0
+
+    @property
+    def count(self) -> torch.Tensor:
+        return self.pos.sum(-1) + self.neg.sum(-1) + self.zeros
+
+    def _grow(self, needed: float) -> None:
+        new = 2.0 ** math.ceil(math.log2(needed)) if needed > 0 else 1.0
+        if self.range == 0.0:
+            self.range = new
+            return
+        while self.range < new:
+            self.pos = self.pos.view(-1, self.bins // 2, 2).sum(-1)
+            self.pos = torch.cat([self.pos, torch.zeros_like(self.pos)], dim=-1)
+            self.neg = self.neg.view(-1, self.bins // 2, 2).sum(-1)
+            self.neg = torch.cat([self.neg, torch.zeros_like(self.neg)], dim=-1)
+            self.range *= 2.0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().to(torch.float64)
+        rows = x.reshape(-1, self.channels).t() if self.channels else x.reshape(1, -1)
+        peak = float(rows.abs().max()) if rows.numel() else 0.0
+        if peak > self.range or self.range == 0.0:
+            self._grow(peak)
+        self.max_pos = torch.maximum(self.max_pos, rows.clamp(min=0).amax(-1))
+        self.max_neg = torch.maximum(self.max_neg, (-rows).clamp(min=0).amax(-1))
+        self.zeros += (rows == 0).sum(-1)
+        scale = self.bins / self.range
+        for sign, hist in ((1.0, self.pos), (-1.0, self.neg)):
+            mag = rows * sign
+            idx = torch.clamp((mag * scale).long(), max=self.bins - 1)
+            hist.scatter_add_(1, torch.where(mag > 0, idx, 0), (mag > 0).to(torch.float64))
+
+    def magnitudes(self, signed: bool) -> torch.Tensor:
+        """Counts per bin of the values a neuron must represent: |x| if signed, else max(x, 0)."""
+        return self.pos + self.neg if signed else self.pos
+
+    def bin_edges(self) -> torch.Tensor:
+        return torch.linspace(0.0, self.range, self.bins + 1, dtype=torch.float64)
+
+    def maximum(self, signed: bool) -> torch.Tensor:
+        return torch.maximum(self.max_pos, self.max_neg) if signed else self.max_pos
+
+    def quantile(self, q: float, signed: bool) -> torch.Tensor:
+        """The q-quantile (0 < q <= 1) of |x| (signed) or max(x, 0), per row, interpolated within a bin.
+
+        All values (zeros and, when unsigned, negatives as 0) count toward the total."""
+        counts = self.magnitudes(signed)
+        total = self.count
+        below = total - counts.sum(-1)  # values at 0
+        cum = below[:, None] + torch.cumsum(counts, -1)
+        target = q * total
+        idx = torch.searchsorted(cum, target[:, None]).squeeze(-1).clamp(max=self.bins - 1)
+        prev = torch.where(idx > 0, cum.gather(1, (idx - 1).clamp(min=0)[:, None]).squeeze(-1), below)
+        in_bin = counts.gather(1, idx[:, None]).squeeze(-1)
+        frac = torch.where(in_bin > 0, (target - prev) / in_bin.clamp(min=1e-12), torch.zeros_like(prev)).clamp(0, 1)
+        width = self.range / self.bins
+        value = (idx.to(torch.float64) + frac) * width
+        value = torch.where(target <= below, torch.zeros_like(value), value)
+        return torch.minimum(value, self.maximum(signed))
+
+
+def iter_images(data, batch_size: int = 64) -> Iterator[torch.Tensor]:
+    """Image batches from a tensor [N, C, H, W] or an iterable of tensors / (images, labels) pairs."""
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 4:
+            raise ValueError(f"image tensor must be [N, C, H, W], got shape {tuple(data.shape)}")
+        for i in range(0, len(data), batch_size):
+            yield data[i:i + batch_size]
+        return
+    for batch in data:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if isinstance(batch, dict):
+            images = batch.get("image", batch.get("images"))
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"a batch must be a tensor or an (images, labels) pair, got {type(batch).__name__}")
+        yield images
+
+
+@contextmanager
+def analog_mode(net: nn.Module):
+    """Neurons become the identity and every module runs one step per call: ``net`` computes the ANN."""
+    neurons = [m for m in net.modules() if isinstance(m, BaseNeuron)]
+    set_step_mode(net, "s")
+    for n in neurons:
+        n.analog = True
+    try:
+        yield neurons
+    finally:
+        for n in neurons:
+            n.analog = False
+        reset_net(net)
+
+
+def collect_statistics(net: nn.Module, data: Iterable, num_images: Optional[int] = None, bins: int = 2048,
+                       per_channel: bool = False, progress: bool = True) -> Dict[str, RunningHistogram]:
+    """Run ``net`` in analog mode over calibration images; one histogram of the input of each neuron."""
+    names = {m: name for name, m in net.named_modules() if isinstance(m, BaseNeuron)}
+    hists: Dict[str, RunningHistogram] = {}
+
+    def hook(module, inputs):
+        x = inputs[0]
+        name = names[module]
+        if not torch.isfinite(x).all():
+            raise ValueError(f"non-finite activations (NaN or inf) at the input of {name}: "
+                             f"check the model weights and the input images")
+        if name not in hists:
+            hists[name] = RunningHistogram(bins, x.shape[-1] if per_channel else None)
+        hists[name].update(x)
+
+    seen = 0
+    with analog_mode(net), torch.no_grad():
+        handles = [m.register_forward_pre_hook(hook) for m in names]
+        try:
+            bar = tqdm(total=num_images, desc="calibrating", unit="img", disable=not progress, leave=False)
+            for images in iter_images(data):
+                if num_images is not None and seen >= num_images:
+                    break
+                if num_images is not None:
+                    images = images[:num_images - seen]
+                reset_net(net)
+                net(images)
+                seen += len(images)
+                bar.update(len(images))
+            bar.close()
+        finally:
+            for h in handles:
+                h.remove()
+    if seen == 0:
+        raise ValueError("calibration data is empty: pass at least one image")
+    return hists

@@ -1,0 +1,85 @@
+"""``convert``: ANN -> calibrated spiking network (DESIGN section 2)."""
+from __future__ import annotations
+
+import copy
+import warnings
+from functools import partial
+from typing import Any, Dict
+
+from torch import nn
+
+from calibration import METHODS, calibrate
+from convert.network import SpikingModel, check_timesteps
+from convert.rewrite import rewrite
+from models.neurons import NEURONS, create_neuron
+
+ATTENTION_VARIANTS = ("ecm",)
+RESIDUAL_STYLES = ("membrane",)
+
+# The defaults: the best training-free settings measured on vit_fmnist (BENCHMARKS.md).
+DEFAULTS: Dict[str, Any] = dict(neuron="signed_if", levels=1, v_init=None, calibration="percentile",
+                                percentile=99.99, per_channel=False, num_images=None, attention="ecm",
+                                residual="membrane", step_mode="s", progress=True)
+
+
+def check_options(options: Dict[str, Any]) -> Dict[str, Any]:
+    """Fill defaults and reject unknown keys or values with a message naming them."""
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}: valid options are {', '.join(DEFAULTS)}")
+    opts = {**DEFAULTS, **options}
+    if opts["neuron"] not in NEURONS:
+        raise ValueError(f"unknown neuron {opts['neuron']!r}: use one of {', '.join(NEURONS)}")
+    if isinstance(opts["levels"], bool) or not isinstance(opts["levels"], int) or opts["levels"] < 1:
+        raise ValueError(f"levels must be a positive integer, got {opts['levels']!r}")
+    if opts["calibration"] not in METHODS:
+        raise ValueError(f"unknown calibration {opts['calibration']!r}: use one of {', '.join(METHODS)}")
+    if not 0.0 < float(opts["percentile"]) <= 100.0:
+        raise ValueError(f"percentile must be in (0, 100], got {opts['percentile']}")
+    if opts["attention"] not in ATTENTION_VARIANTS:
+        raise ValueError(f"unknown attention {opts['attention']!r}: available: {', '.join(ATTENTION_VARIANTS)}")
+    if opts["residual"] not in RESIDUAL_STYLES:
+        raise ValueError(f"unknown residual {opts['residual']!r}: available: {', '.join(RESIDUAL_STYLES)}")
+    if opts["step_mode"] not in ("s", "m"):
+        raise ValueError(f"unknown step_mode {opts['step_mode']!r}: use 's' (step) or 'm' (multi-step)")
+    if opts["num_images"] is not None and (not isinstance(opts["num_images"], int) or opts["num_images"] <= 0):
+        raise ValueError(f"num_images must be a positive integer or None, got {opts['num_images']!r}")
+    return opts
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not tensor.isfinite().all():
+            raise ValueError(f"non-finite values (NaN or inf) in the model's weights at {name}")
+
+
+def convert(ann: nn.Module, calibration_data, timesteps: int = 16, **options) -> SpikingModel:
+    """Rewrite ``ann`` (a timm ViT, left untouched) into a spiking network and calibrate its thresholds."""
+    timesteps = check_timesteps(timesteps)
+    opts = check_options(options)
+    if ann.training:
+        warnings.warn("the ANN was in train mode; converting it in eval mode", stacklevel=2)
+    check_finite_weights(ann)
+    net = copy.deepcopy(ann).eval()
+    make_neuron = partial(_make_neuron, opts["neuron"], opts["levels"], opts["v_init"])
+    net = rewrite(net, make_neuron)
+    snn = SpikingModel(net, timesteps, opts, step_mode=opts["step_mode"])
+    device = next(net.parameters()).device
+    images = (x.to(device) for x in _checked_images(snn, calibration_data))
+    snn.calibration_report = calibrate(net, images, method=opts["calibration"], percentile=float(opts["percentile"]),
+                                       timesteps=timesteps, num_images=opts["num_images"],
+                                       per_channel=opts["per_channel"], progress=opts["progress"])
+    return snn
+
+
+def _make_neuron(name: str, levels: int, v_init, signed: bool):
+    """v_init None keeps the neuron's own initial membrane (0.5 for IF neurons, 0 for the others)."""
+    return create_neuron(name, signed=signed, levels=levels, **({} if v_init is None else {"v_init": v_init}))
+
+
+def _checked_images(snn: SpikingModel, data):
+    from calibration import iter_images
+    from convert.network import check_images
+    for images in iter_images(data):
+        check_images(snn.net, images)
+        yield images

@@ -1,0 +1,85 @@
+"""``python -m convert MODEL --timesteps T [--checkpoint FILE] [--data ROOT] [--out DIR] [key=value ...]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+
+from convert.config import GROUPS, compose_config, convert_options, group_choices
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes end with one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see python -m convert --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    choices = group_choices()
+    epilog = "config groups (override with group=choice, or any key=value, e.g. neuron.levels=4):\n" + "\n".join(
+        f"  {g:<12} {', '.join(choices[g])}" for g in GROUPS)
+    parser = OneLineParser(
+        prog="python -m convert", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
+        description="Convert a timm Vision Transformer into a spiking network; report its accuracy at every timestep.")
+    parser.add_argument("model", nargs="?", default="vit_fmnist",
+                        help="vit_fmnist (embedded default), an alias (vit_base, deit_small, ...) or any timm name")
+    parser.add_argument("--timesteps", "-T", type=_positive_int, default=None, help="number of timesteps T (default 16)")
+    parser.add_argument("--checkpoint", help="ANN weights: .safetensors or a torch state dict")
+    parser.add_argument("--data", help="data root (sets data.root)")
+    parser.add_argument("--out", help="output folder (default runs/<date>_<time>_<model>)")
+    parser.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides: group=choice or key=value")
+    return parser
+
+
+def build_overrides(args: argparse.Namespace) -> List[str]:
+    overrides = []
+    given = {o.split("=", 1)[0].lstrip("+~") for o in args.overrides}
+    if args.model != "vit_fmnist":
+        overrides += ["model=timm", f"model.name={args.model}"]
+        if "data" not in given:
+            overrides.append("data=imagenet")
+    if args.timesteps is not None:
+        overrides.append(f"timesteps={args.timesteps}")
+    if args.checkpoint:
+        overrides.append(f"model.checkpoint={args.checkpoint}")
+    if args.data:
+        overrides.append(f"data.root={args.data}")
+    if args.out:
+        overrides.append(f"out={args.out}")
+    return overrides + list(args.overrides)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    if "=" in args.model:  # an override in the model's place: the default model
+        args.overrides.insert(0, args.model)
+        args.model = "vit_fmnist"
+    try:
+        cfg = compose_config(build_overrides(args))
+        if args.cfg:
+            print(OmegaConf.to_yaml(cfg), end="")
+            return 0
+        from convert.run import run
+        run(cfg)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    return 0

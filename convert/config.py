@@ -1,0 +1,128 @@
+"""Structured configs (one per group) and composition of ``conf/`` with Hydra's Compose API."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import MISSING, DictConfig
+
+GROUPS = ("model", "data", "neuron", "calibration", "attention", "finetune", "sweep", "launcher")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    checkpoint: Optional[str] = None
+    pretrained: bool = True
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    root: Optional[str] = None
+    download: bool = True
+    batch_size: int = MISSING
+    eval_images: Optional[int] = None
+
+
+@dataclass
+class NeuronConfig:
+    name: str = MISSING
+    levels: int = MISSING
+    v_init: float = MISSING
+
+
+@dataclass
+class CalibrationConfig:
+    method: str = MISSING
+    percentile: float = MISSING
+    per_channel: bool = MISSING
+    num_images: int = MISSING
+
+
+@dataclass
+class AttentionConfig:
+    name: str = MISSING
+    residual: str = MISSING
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = MISSING
+
+
+@dataclass
+class SweepConfig:
+    name: str = MISSING
+
+
+@dataclass
+class LauncherConfig:
+    name: str = MISSING
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    neuron: NeuronConfig = MISSING
+    calibration: CalibrationConfig = MISSING
+    attention: AttentionConfig = MISSING
+    finetune: FinetuneConfig = MISSING
+    sweep: SweepConfig = MISSING
+    launcher: LauncherConfig = MISSING
+    timesteps: int = MISSING
+    step_mode: str = MISSING
+    device: str = MISSING
+    seed: int = MISSING
+    out: Optional[str] = None
+    progress: bool = True
+
+
+def _register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in zip(GROUPS, (ModelConfig, DataConfig, NeuronConfig, CalibrationConfig, AttentionConfig,
+                                    FinetuneConfig, SweepConfig, LauncherConfig)):
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+_register()
+
+
+def group_choices() -> Dict[str, List[str]]:
+    """The YAML options of every config group (``base_*`` schemas left out)."""
+    root = Path(__file__).resolve().parent.parent / "conf"
+    return {g: sorted(p.stem for p in (root / g).glob("*.yaml")) for g in GROUPS}
+
+
+def compose_config(overrides: Optional[List[str]] = None) -> DictConfig:
+    """Compose conf/config.yaml with Hydra overrides (``group=choice``, ``key=value``)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="conf", version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides or []))
+    except (HydraException, OmegaConfBaseException) as exc:
+        message = " ".join(str(exc).split()).split(" Config search path")[0]
+        message = " ".join(w for w in message.split(" ") if not w.startswith("base_"))
+        if exc.__cause__ is not None:
+            message += f" ({' '.join(str(exc.__cause__).split()).splitlines()[0][:200]})"
+        raise ValueError(f"bad configuration override: {message}") from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def convert_options(cfg: DictConfig) -> Dict[str, Any]:
+    """The keyword options of ``convert()`` that a composed config selects."""
+    return dict(neuron=cfg.neuron.name, levels=cfg.neuron.levels, v_init=cfg.neuron.v_init,
+                calibration=cfg.calibration.method, percentile=cfg.calibration.percentile,
+                per_channel=cfg.calibration.per_channel, num_images=cfg.calibration.num_images,
+                attention=cfg.attention.name, residual=cfg.attention.residual, step_mode=cfg.step_mode,
+                progress=cfg.progress)

@@ -1,0 +1,169 @@
+"""Spiking neurons. Each works in units of its threshold theta:
+
+    u <- leak * u + x / theta;  k = fire(u) (an integer level);  out = k * theta
+    u <- u - k (reset by subtraction)   or   u <- 0 where k != 0 (hard reset)
+
+The membrane starts at ``v_init`` * theta; v_init = 0.5 turns the truncation of
+``floor`` into rounding (QCFS-style shift). ``analog = True`` makes a neuron the
+identity (a non-negative neuron: max(x, 0)), the function the neuron converges to; the
+network then computes the ANN exactly (used while calibrating).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from models.state import StatefulModule
+
+
+def floor(x: torch.Tensor) -> torch.Tensor:
+    """floor(x); floor_divide avoids torch.floor's slow multi-threaded CPU path on small tensors."""
+    return torch.floor_divide(x, 1.0)
+
+
+class BaseNeuron(StatefulModule):
+    """Shared state and dynamics; subclasses define ``fire`` and ``levels``."""
+
+    leak: float = 1.0
+    hard_reset: bool = False
+    signed: bool = True
+
+    def __init__(self, threshold: float = 1.0, v_init: float = 0.5) -> None:
+        super().__init__()
+        self.threshold = nn.Parameter(torch.tensor(float(threshold)), requires_grad=False)
+        self.v_init = float(v_init)
+        self.analog = False
+        self.u: Optional[torch.Tensor] = None
+
+    @property
+    def max_level(self) -> int:
+        """Largest |k| one step can emit: the neuron's range is max_level * theta per step."""
+        return max(abs(k) for k in self.levels())
+
+    def levels(self) -> List[int]:
+        raise NotImplementedError
+
+    def fire(self, u: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        self.u = None
+
+    def _integrate(self, u: Optional[torch.Tensor], x: torch.Tensor, theta: torch.Tensor):
+        if u is None:
+            u = torch.full_like(x, self.v_init)
+        u = self.leak * u + x / theta
+        k = self.fire(u)
+        u = torch.where(k != 0, torch.zeros_like(u), u) if self.hard_reset else u - k
+        return u, k
+
+    def single_step(self, x: torch.Tensor) -> torch.Tensor:
+        if self.analog:
+            return x if self.signed else torch.clamp(x, min=0)
+        theta = self.threshold.to(x.dtype)
+        self.u, k = self._integrate(self.u, x, theta)
+        return k * theta
+
+    def multi_step(self, x: torch.Tensor) -> torch.Tensor:
+        if self.analog:
+            return self.single_step(x)
+        theta = self.threshold.to(x.dtype)
+        xs = self.unfold(x)
+        u, out = None, []
+        for x_t in xs:
+            u, k = self._integrate(u, x_t, theta)
+            out.append(k * theta)
+        self.u = u
+        return self.fold(torch.stack(out))
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels()}, v_init={self.v_init}, {super().extra_repr()}"
+
+
+class IFNeuron(BaseNeuron):
+    """Integrate-and-fire, k = clamp(floor(u), 0, L): binary for L = 1, one event per unit of k."""
+
+    signed = False
+
+    def __init__(self, levels: int = 1, threshold: float = 1.0, v_init: float = 0.5) -> None:
+        super().__init__(threshold, v_init)
+        if int(levels) < 1:
+            raise ValueError(f"levels must be >= 1, got {levels}")
+        self.num_levels = int(levels)
+
+    def levels(self) -> List[int]:
+        low = -self.num_levels if self.signed else 0
+        return list(range(low, self.num_levels + 1))
+
+    def fire(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(floor(u), -self.num_levels if self.signed else 0, self.num_levels)
+
+
+class SignedIFNeuron(IFNeuron):
+    """Signed integrate-and-fire, k = clamp(floor(u), -L, L); L = 1 gives k in {-1, 0, 1}."""
+
+    signed = True
+
+
+class MultiThresholdNeuron(BaseNeuron):
+    """ECMT's multi-threshold neuron: at most one event per step, of value +-theta * 2^j, j in 0..N-1.
+
+    j is the largest level with |u| >= 2^j - 1/2 (nothing fires below |u| = 1/2).
+    """
+
+    def __init__(self, levels: int = 8, threshold: float = 1.0, v_init: float = 0.0, signed: bool = True) -> None:
+        super().__init__(threshold, v_init)
+        if not 1 <= int(levels) <= 30:
+            raise ValueError(f"multi-threshold levels must be in 1..30, got {levels}")
+        self.num_levels = int(levels)
+        self.signed = signed
+
+    def levels(self) -> List[int]:
+        pos = [2 ** j for j in range(self.num_levels)]
+        return sorted(([-p for p in pos] if self.signed else []) + [0] + pos)
+
+    def fire(self, u: torch.Tensor) -> torch.Tensor:
+        mag = u.abs() if self.signed else torch.clamp(u, min=0)
+        j = torch.clamp(torch.frexp(mag + 0.5).exponent - 1, 0, self.num_levels - 1)  # floor(log2(mag + 1/2))
+        k = torch.where(mag >= 0.5, torch.exp2(j.to(u.dtype)), torch.zeros_like(u))
+        return torch.sign(u) * k if self.signed else k
+
+
+class TernaryNeuron(BaseNeuron):
+    """A2OS2A's ternary neuron: u <- 0.25 u + x / theta; k = sign(u) where |u| >= 1/2; hard reset."""
+
+    leak = 0.25
+    hard_reset = True
+
+    def __init__(self, levels: int = 1, threshold: float = 1.0, v_init: float = 0.0) -> None:
+        super().__init__(threshold, v_init)
+        if int(levels) != 1:
+            raise ValueError(f"the ternary neuron has exactly one level (k in {{-1, 0, 1}}), got levels={levels}")
+
+    def levels(self) -> List[int]:
+        return [-1, 0, 1]
+
+    def fire(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.where(u.abs() >= 0.5, torch.sign(u), torch.zeros_like(u))
+
+
+NEURONS = {
+    "signed_if": SignedIFNeuron,
+    "if": IFNeuron,
+    "multi_threshold": MultiThresholdNeuron,
+    "ternary": TernaryNeuron,
+}
+
+
+def create_neuron(name: str, signed: bool = True, **kwargs) -> BaseNeuron:
+    """A neuron by config name. ``signed=False`` asks for the non-negative variant where one exists
+    (signed_if -> if, multi_threshold -> unsigned multi_threshold)."""
+    if name not in NEURONS:
+        raise ValueError(f"unknown neuron {name!r}: use one of {', '.join(NEURONS)}")
+    if name == "signed_if" and not signed:
+        name = "if"
+    if name == "multi_threshold":
+        kwargs["signed"] = signed
+    return NEURONS[name](**kwargs)

@@ -1,0 +1,64 @@
+"""State shared by every spiking building block, and helpers that walk the module tree.
+
+Step mode ('s'): one call = one timestep, state carried between calls.
+Multi-step mode ('m'): one call = all T timesteps, time folded into the batch
+dimension t-major (rows [t*B:(t+1)*B] are step t+1), so Linear/Conv layers and
+timm's own forward code run unchanged on [T*B, ...] tensors.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class StatefulModule(nn.Module):
+    """Base of neurons and expectation-compensation modules: holds state, `reset()`, step modes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step_mode = "s"
+        self.timesteps = 1  # T of the folded batch in multi-step mode
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """[T*B, ...] -> [T, B, ...]."""
+        if x.shape[0] % self.timesteps:
+            raise ValueError(f"multi-step input of batch {x.shape[0]} is not a multiple of T={self.timesteps}")
+        return x.reshape(self.timesteps, x.shape[0] // self.timesteps, *x.shape[1:])
+
+    @staticmethod
+    def fold(x: torch.Tensor) -> torch.Tensor:
+        """[T, B, ...] -> [T*B, ...]."""
+        return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+    def step_index(self, like: torch.Tensor) -> torch.Tensor:
+        """t = 1..T shaped [T, 1, ..., 1] to broadcast against an unfolded ``like``."""
+        t = torch.arange(1, self.timesteps + 1, dtype=like.dtype, device=like.device)
+        return t.reshape(-1, *([1] * (like.dim() - 1)))
+
+    def forward(self, *args):
+        return self.multi_step(*args) if self.step_mode == "m" else self.single_step(*args)
+
+    def extra_repr(self) -> str:
+        return f"step_mode={self.step_mode}"
+
+
+def stateful_modules(net: nn.Module):
+    return (m for m in net.modules() if isinstance(m, StatefulModule))
+
+
+def reset_net(net: nn.Module) -> None:
+    """Clear the state of every spiking module in ``net``."""
+    for m in stateful_modules(net):
+        m.reset()
+
+
+def set_step_mode(net: nn.Module, mode: str, timesteps: int = 1) -> None:
+    """Put every spiking module of ``net`` in step ('s') or multi-step ('m') mode over ``timesteps``."""
+    if mode not in ("s", "m"):
+        raise ValueError(f"unknown step_mode {mode!r}: use 's' (step) or 'm' (multi-step)")
+    for m in stateful_modules(net):
+        m.step_mode = mode
+        m.timesteps = timesteps

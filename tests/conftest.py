@@ -1,0 +1,55 @@
+"""Tiny random-weight timm ViTs: milliseconds per forward, any configuration a user may bring."""
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.vision_transformer import ResPostBlock, VisionTransformer
+from torch import nn
+
+import models  # noqa: F401  registers vit_fmnist
+
+BASE = dict(img_size=16, patch_size=4, in_chans=3, num_classes=7, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+
+# name -> kwargs of VisionTransformer (or a callable building the model)
+CONFIGS = {
+    "cls_token": {},
+    "avg_pool_no_cls": dict(class_token=False, global_pool="avg"),
+    "register_tokens": dict(reg_tokens=2),
+    "qk_norm": dict(qk_norm=True),
+    "layer_scale": dict(init_values=0.5),
+    "fc_norm": dict(fc_norm=True),
+    "pre_norm": dict(pre_norm=True),
+    "no_qkv_bias": dict(qkv_bias=False),
+    "relu_mlp": dict(act_layer=nn.ReLU),
+    "no_embed_class": dict(no_embed_class=True),
+    "res_post_block": dict(block_fn=ResPostBlock),
+    "dynamic_img_size": dict(dynamic_img_size=True),
+    "gelu_tanh": dict(act_layer="gelu_tanh"),
+}
+
+
+def build(name: str, seed: int = 0, fused: bool = True) -> nn.Module:
+    torch.manual_seed(seed)
+    if name == "distilled":
+        from timm.models.deit import VisionTransformerDistilled
+        model = VisionTransformerDistilled(**BASE)
+    else:
+        model = VisionTransformer(**{**BASE, **CONFIGS[name]})
+    # larger-than-init weights so activations are spread like a trained model's
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 1.0 / p.shape[-1] ** 0.5)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    return model.eval()
+
+
+ALL_CONFIGS = list(CONFIGS) + ["distilled"]
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(1)
+    return torch.randn(6, 3, 16, 16)

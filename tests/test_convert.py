@@ -1,0 +1,219 @@
+"""Properties of the rewrite on random-weight timm ViTs of every configuration."""
+import warnings
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from calibration import analog_mode
+from convert import UnsupportedModuleError, convert
+from models.neurons import BaseNeuron
+from models.synapse import SpikingSynapse
+from tests.conftest import ALL_CONFIGS, build
+
+
+def rel_err(per_step, ref):
+    return ((per_step - ref).flatten(1).norm(dim=1) / ref.norm()).tolist()
+
+
+# post-norm blocks feed the un-normalised residual stream (wide range) to the neurons: slower convergence
+HORIZON = {"res_post_block": 256}
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_snn_converges_to_ann(name, images):
+    ann = build(name)
+    with torch.no_grad():
+        ref = ann(images)
+    T = HORIZON.get(name, 64)
+    snn = convert(ann, images, timesteps=T, calibration="max", progress=False, step_mode="m")
+    err = rel_err(snn.simulate(images), ref)
+    assert err[-1] < 0.1, err[-1]
+    assert err[-1] < 0.5 * err[T // 8 - 1] and err[T // 8 - 1] < err[0]
+
+
+@pytest.mark.parametrize("levels", [2, 4])
+def test_more_levels_converge_faster(levels, images):
+    ann = build("cls_token")
+    with torch.no_grad():
+        ref = ann(images)
+    one = convert(ann, images, timesteps=16, calibration="max", progress=False, step_mode="m")
+    many = convert(ann, images, timesteps=16, calibration="max", levels=levels, progress=False, step_mode="m")
+    assert rel_err(many.simulate(images), ref)[15] < rel_err(one.simulate(images), ref)[15]
+
+
+@pytest.mark.parametrize("name", ["cls_token", "relu_mlp", "qk_norm", "distilled"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_analog_mode_is_exactly_the_ann(name, fused, images):
+    ann = build(name, fused=fused)
+    with torch.no_grad():
+        ref = ann(images)
+    snn = convert(ann, images, timesteps=4, progress=False)
+    with analog_mode(snn.net), torch.no_grad():
+        out = snn.net(images)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def spike_inputs(net):
+    """(linear layer, neuron feeding it) for every linear layer except the first."""
+    pairs = [(m.layer, m.neuron) for m in net.modules() if isinstance(m, SpikingSynapse)]
+    for m in net.modules():
+        if isinstance(m, timm.layers.Mlp) and isinstance(m.act, BaseNeuron):
+            pairs.append((m.fc2, m.act))
+    return pairs
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+@pytest.mark.parametrize("neuron,levels", [("signed_if", 1), ("signed_if", 3), ("if", 2), ("multi_threshold", 4)])
+def test_every_linear_input_is_a_spike(name, neuron, levels, images):
+    snn = convert(build(name), images, timesteps=5, neuron=neuron, levels=levels, progress=False)
+    pairs = spike_inputs(snn.net)
+    linears = [m for m in snn.net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert len(pairs) == len(linears) - 1  # all but the patch embedding
+    seen = []
+
+    def check(neuron):
+        def hook(module, inputs):
+            k = inputs[0] / neuron.threshold
+            assert torch.allclose(k, k.round(), atol=1e-4)
+            assert set(k.round().unique().int().tolist()) <= set(neuron.levels())
+            seen.append(module)
+        return hook
+
+    handles = [layer.register_forward_pre_hook(check(n)) for layer, n in pairs]
+    snn.simulate(images)
+    for h in handles:
+        h.remove()
+    assert len(seen) == 5 * len(pairs)
+
+
+@pytest.mark.parametrize("name", ["cls_token", "relu_mlp", "register_tokens", "distilled", "qk_norm"])
+@pytest.mark.parametrize("neuron", ["signed_if", "multi_threshold", "ternary"])
+def test_step_mode_equals_multistep_mode(name, neuron, images):
+    ann = build(name)
+    step = convert(ann, images, timesteps=6, neuron=neuron, progress=False, step_mode="s")
+    multi = convert(ann, images, timesteps=6, neuron=neuron, progress=False, step_mode="m")
+    a, b = step.simulate(images), multi.simulate(images)
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+
+
+def test_same_input_twice_gives_same_output(images):
+    snn = convert(build("cls_token"), images, timesteps=5, progress=False)
+    assert torch.equal(snn(images), snn(images))
+    assert snn.simulate(images, timesteps=7).shape == (7, len(images), 7)
+
+
+def test_dynamic_image_size_runs_other_sizes():
+    ann = build("dynamic_img_size")
+    x = torch.randn(2, 3, 24, 20)
+    with torch.no_grad():
+        ref = ann(x)
+    snn = convert(ann, x, timesteps=64, calibration="max", progress=False, step_mode="m")
+    assert rel_err(snn.simulate(x), ref)[-1] < 0.1
+
+
+def test_ann_is_left_untouched(images):
+    ann = build("cls_token")
+    before = {k: v.clone() for k, v in ann.state_dict().items()}
+    convert(ann, images, timesteps=2, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in ann.state_dict().items())
+    assert not any(isinstance(m, BaseNeuron) for m in ann.modules())
+
+
+class CustomBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc(x)) * x
+
+
+def test_unsupported_modules_are_named(images):
+    resnet = timm.create_model("resnet18", pretrained=False, num_classes=3).eval()
+    with pytest.raises(UnsupportedModuleError, match=r"timm.models.resnet.ResNet at <root>"):
+        convert(resnet, images, timesteps=2, progress=False)
+    ann = build("cls_token")
+    ann.blocks[1] = CustomBlock(32)
+    with pytest.raises(UnsupportedModuleError, match=r"CustomBlock at blocks.1"):
+        convert(ann, images, timesteps=2, progress=False)
+    ann = build("cls_token")
+    ann.global_pool = "max"
+    with pytest.raises(UnsupportedModuleError, match="global_pool='max'"):
+        convert(ann, images, timesteps=2, progress=False)
+
+
+def test_subclass_that_overrides_forward_is_refused(images):
+    from timm.models.vision_transformer import Block
+
+    class Odd(Block):
+        def forward(self, x, **kw):
+            return x * x
+
+    ann = build("cls_token")
+    ann.blocks[0] = Odd(32, 2)
+    with pytest.raises(UnsupportedModuleError, match="Odd at blocks.0: it overrides the forward of Block"):
+        convert(ann, images, timesteps=2, progress=False)
+
+
+@pytest.mark.parametrize("T", [0, -3, 2.5, "8", True])
+def test_bad_timesteps(T, images):
+    with pytest.raises(ValueError, match="timesteps must be a positive integer"):
+        convert(build("cls_token"), images, timesteps=T, progress=False)
+
+
+def test_bad_inputs(images):
+    ann = build("cls_token")
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        convert(ann, images[:0], timesteps=2, progress=False)
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        convert(ann, [], timesteps=2, progress=False)
+    with pytest.raises(ValueError, match="images have 1 channels but the model expects 3"):
+        convert(ann, images[:, :1], timesteps=2, progress=False)
+    with pytest.raises(ValueError, match=r"images are \(8, 8\) pixels but the model expects \(16, 16\)"):
+        convert(ann, images[..., :8, :8], timesteps=2, progress=False)
+    snn = convert(ann, images, timesteps=2, progress=False)
+    with pytest.raises(ValueError, match="images have 1 channels"):
+        snn(images[:, :1])
+    with pytest.raises(ValueError, match="images contain NaN or inf"):
+        snn(images * float("nan"))
+    with pytest.raises(ValueError, match="unknown option.*neuronz"):
+        convert(ann, images, timesteps=2, neuronz="if")
+    with pytest.raises(ValueError, match="unknown neuron 'lif'"):
+        convert(ann, images, timesteps=2, neuron="lif")
+    with pytest.raises(ValueError, match=r"percentile must be in \(0, 100\]"):
+        convert(ann, images, timesteps=2, percentile=0)
+    with pytest.raises(ValueError, match="unknown attention 'foo'.*ecm"):
+        convert(ann, images, timesteps=2, attention="foo")
+
+
+def test_nan_weights_and_activations_are_named(images):
+    ann = build("cls_token")
+    with torch.no_grad():
+        ann.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf.*blocks.1.mlp.fc1.weight"):
+        convert(ann, images, timesteps=2, progress=False)
+    ann = build("cls_token")
+    with torch.no_grad():
+        ann.pos_embed.fill_(3e38)  # finite weights whose sums overflow
+    with pytest.raises(ValueError, match="non-finite activations.*at the input of blocks.0"):
+        convert(ann, images, timesteps=2, progress=False)
+
+
+def test_train_mode_model_is_switched_to_eval_with_a_warning(images):
+    ann = build("cls_token").train()
+    with pytest.warns(UserWarning, match="train mode"):
+        snn = convert(ann, images, timesteps=2, progress=False)
+    assert not snn.net.training and ann.training
+
+
+@pytest.mark.slow
+def test_vit_base_at_224():
+    ann = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = ann(x)
+    snn = convert(ann, x, timesteps=8, calibration="max", progress=False)
+    err = rel_err(snn.simulate(x), ref)
+    assert err[-1] < err[1] < err[0]
