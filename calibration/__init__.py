@@ -1,28 +1,38 @@
-"""Calibration: statistics of every neuron's input on calibration images, then thresholds."""
+"""Calibration: statistics of every neuron's input on calibration images, thresholds, corrections."""
 from __future__ import annotations
 
+from itertools import islice
 from typing import Dict, Iterable, Optional
 
 import torch
 from torch import nn
 
+from calibration.corrections import bias_correction, firing_rates
 from calibration.statistics import RunningHistogram, analog_mode, collect_statistics, iter_images
 from calibration.thresholds import METHODS, choose_thresholds, expected_error
 from models.neurons import BaseNeuron
 
 __all__ = ["calibrate", "collect_statistics", "choose_thresholds", "expected_error", "iter_images",
-           "analog_mode", "RunningHistogram", "METHODS"]
+           "analog_mode", "bias_correction", "firing_rates", "RunningHistogram", "METHODS", "CORRECTIONS"]
+
+CORRECTIONS = ("none", "bias")
 
 
 def calibrate(net: nn.Module, data: Iterable, method: str = "percentile", percentile: float = 99.99,
               timesteps: int = 16, num_images: Optional[int] = None, per_channel: bool = False,
-              progress: bool = True) -> Dict[str, dict]:
-    """Set the threshold of every neuron in ``net`` from statistics on ``data``; returns a per-layer report."""
+              correction: str = "none", step_mode: str = "s", progress: bool = True) -> Dict[str, dict]:
+    """Set every neuron's threshold in ``net`` from statistics on ``data``, then apply ``correction``.
+
+    Returns a per-layer report: threshold, clipped share, expected error, firing rate on the
+    first calibration batch, and the bias shift of the correction."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
     if method == "percentile" and not 0.0 < percentile <= 100.0:
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
-    hists = collect_statistics(net, data, num_images=num_images, per_channel=per_channel, progress=progress)
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown correction {correction!r}: use one of {', '.join(CORRECTIONS)}")
+    batches = list(_take(iter_images(data), num_images))
+    hists = collect_statistics(net, batches, per_channel=per_channel, progress=progress)
     report = {}
     for name, module in net.named_modules():
         if not isinstance(module, BaseNeuron):
@@ -32,11 +42,28 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "percentile", percen
         hist = hists[name]
         theta = choose_thresholds(hist, method, module.max_level, module.signed, percentile, timesteps)
         module.threshold = nn.Parameter(theta.to(module.threshold.device), requires_grad=False)
-        peak = hist.maximum(module.signed)
         report[name] = {
             "threshold": theta.tolist(),
-            "max_input": peak.tolist() if per_channel else float(peak[0]),
+            "max_input": hist.maximum(module.signed).tolist() if per_channel else float(hist.maximum(module.signed)[0]),
+            "clipped": float(hist.fraction_above(theta.double() * module.max_level, module.signed).mean()),
             "expected_error": float(expected_error(hist, theta.reshape(-1).numpy(), module.max_level, timesteps,
                                                    module.signed).mean()),
         }
+    if correction == "bias":
+        for name, shift in bias_correction(net, batches, timesteps, step_mode, progress).items():
+            report[f"{name}.neuron"]["bias_shift"] = shift
+    for name, rate in firing_rates(net, batches[:1], timesteps, step_mode).items():
+        report[name]["firing_rate"] = rate
     return report
+
+
+def _take(batches, num_images: Optional[int]):
+    """Batches up to ``num_images`` images in all (the last one cut)."""
+    seen = 0
+    for images in batches:
+        if num_images is not None and seen >= num_images:
+            return
+        if num_images is not None:
+            images = images[:num_images - seen]
+        seen += len(images)
+        yield images

@@ -74,6 +74,13 @@ class RunningHistogram:
     def maximum(self, signed: bool) -> torch.Tensor:
         return torch.maximum(self.max_pos, self.max_neg) if signed else self.max_pos
 
+    def fraction_above(self, r: torch.Tensor, signed: bool) -> torch.Tensor:
+        """Share of values whose magnitude exceeds ``r`` (per row; to one bin's resolution)."""
+        edges = self.bin_edges()[1:]
+        counts = self.magnitudes(signed)
+        above = (counts * (edges[None, :] > r.reshape(-1, 1).to(torch.float64))).sum(-1)
+        return above / self.count.clamp(min=1)
+
     def quantile(self, q: float, signed: bool) -> torch.Tensor:
         """The q-quantile (0 < q <= 1) of |x| (signed) or max(x, 0), per row, interpolated within a bin.
 
@@ -114,6 +121,7 @@ def iter_images(data, batch_size: int = 64) -> Iterator[torch.Tensor]:
 def analog_mode(net: nn.Module):
     """Neurons become the identity and every module runs one step per call: ``net`` computes the ANN."""
     neurons = [m for m in net.modules() if isinstance(m, BaseNeuron)]
+    reset_net(net)
     set_step_mode(net, "s")
     for n in neurons:
         n.analog = True
@@ -125,9 +133,9 @@ def analog_mode(net: nn.Module):
         reset_net(net)
 
 
-def collect_statistics(net: nn.Module, data: Iterable, num_images: Optional[int] = None, bins: int = 2048,
-                       per_channel: bool = False, progress: bool = True) -> Dict[str, RunningHistogram]:
-    """Run ``net`` in analog mode over calibration images; one histogram of the input of each neuron."""
+def collect_statistics(net: nn.Module, batches: Iterable[torch.Tensor], bins: int = 2048, per_channel: bool = False,
+                       progress: bool = True) -> Dict[str, RunningHistogram]:
+    """Run ``net`` in analog mode over image batches; one histogram of the input of each neuron."""
     names = {m: name for name, m in net.named_modules() if isinstance(m, BaseNeuron)}
     hists: Dict[str, RunningHistogram] = {}
 
@@ -145,17 +153,10 @@ def collect_statistics(net: nn.Module, data: Iterable, num_images: Optional[int]
     with analog_mode(net), torch.no_grad():
         handles = [m.register_forward_pre_hook(hook) for m in names]
         try:
-            bar = tqdm(total=num_images, desc="calibrating", unit="img", disable=not progress, leave=False)
-            for images in iter_images(data):
-                if num_images is not None and seen >= num_images:
-                    break
-                if num_images is not None:
-                    images = images[:num_images - seen]
+            for images in tqdm(batches, desc="calibrating", unit="batch", disable=not progress, leave=False):
                 reset_net(net)
                 net(images)
                 seen += len(images)
-                bar.update(len(images))
-            bar.close()
         finally:
             for h in handles:
                 h.remove()

@@ -8,7 +8,7 @@ from typing import Any, Dict
 
 from torch import nn
 
-from calibration import METHODS, calibrate
+from calibration import CORRECTIONS, METHODS, calibrate
 from convert.network import SpikingModel, check_timesteps
 from convert.rewrite import rewrite
 from models.neurons import NEURONS, create_neuron
@@ -18,7 +18,7 @@ RESIDUAL_STYLES = ("membrane",)
 
 # The defaults: the best training-free settings measured on vit_fmnist (BENCHMARKS.md).
 DEFAULTS: Dict[str, Any] = dict(neuron="signed_if", levels=1, v_init=None, calibration="percentile",
-                                percentile=99.99, per_channel=False, num_images=None, attention="ecm",
+                                percentile=99.99, per_channel=False, correction="none", num_images=None, attention="ecm",
                                 residual="membrane", step_mode="s", progress=True)
 
 
@@ -36,6 +36,8 @@ def check_options(options: Dict[str, Any]) -> Dict[str, Any]:
         raise ValueError(f"unknown calibration {opts['calibration']!r}: use one of {', '.join(METHODS)}")
     if not 0.0 < float(opts["percentile"]) <= 100.0:
         raise ValueError(f"percentile must be in (0, 100], got {opts['percentile']}")
+    if opts["correction"] not in CORRECTIONS:
+        raise ValueError(f"unknown correction {opts['correction']!r}: use one of {', '.join(CORRECTIONS)}")
     if opts["attention"] not in ATTENTION_VARIANTS:
         raise ValueError(f"unknown attention {opts['attention']!r}: available: {', '.join(ATTENTION_VARIANTS)}")
     if opts["residual"] not in RESIDUAL_STYLES:
@@ -68,7 +70,8 @@ def convert(ann: nn.Module, calibration_data, timesteps: int = 16, **options) ->
     images = (x.to(device) for x in _checked_images(snn, calibration_data))
     snn.calibration_report = calibrate(net, images, method=opts["calibration"], percentile=float(opts["percentile"]),
                                        timesteps=timesteps, num_images=opts["num_images"],
-                                       per_channel=opts["per_channel"], progress=opts["progress"])
+                                       per_channel=opts["per_channel"], correction=opts["correction"],
+                                       step_mode=opts["step_mode"], progress=opts["progress"])
     return snn
 
 

@@ -41,6 +41,7 @@ class CalibrationConfig:
     method: str = MISSING
     percentile: float = MISSING
     per_channel: bool = MISSING
+    correction: str = MISSING
     num_images: int = MISSING
 
 
@@ -123,6 +124,7 @@ def convert_options(cfg: DictConfig) -> Dict[str, Any]:
     """The keyword options of ``convert()`` that a composed config selects."""
     return dict(neuron=cfg.neuron.name, levels=cfg.neuron.levels, v_init=cfg.neuron.v_init,
                 calibration=cfg.calibration.method, percentile=cfg.calibration.percentile,
-                per_channel=cfg.calibration.per_channel, num_images=cfg.calibration.num_images,
+                per_channel=cfg.calibration.per_channel, correction=cfg.calibration.correction,
+                num_images=cfg.calibration.num_images,
                 attention=cfg.attention.name, residual=cfg.attention.residual, step_mode=cfg.step_mode,
                 progress=cfg.progress)

@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from models.state import reset_net, set_step_mode
+from models.state import run_steps
 
 
 def check_timesteps(timesteps: Any) -> int:
@@ -55,23 +55,9 @@ class SpikingModel(nn.Module):
         T = check_timesteps(self.timesteps if timesteps is None else timesteps)
         check_images(self.net, x)
         x = x.to(next(self.net.parameters()).device)
-        reset_net(self.net)
-        try:
-            if self.step_mode == "m":
-                set_step_mode(self.net, "m", T)
-                out = self.net(x.repeat(T, *([1] * (x.dim() - 1))))
-                out = out.reshape(T, x.shape[0], *out.shape[1:])
-                steps = torch.arange(1, T + 1, dtype=out.dtype, device=out.device).reshape(-1, *([1] * (out.dim() - 1)))
-                return torch.cumsum(out, 0) / steps
-            set_step_mode(self.net, "s")
-            total, means = None, []
-            for t in range(1, T + 1):
-                y = self.net(x)
-                total = y if total is None else total + y
-                means.append(total / t)
-            return torch.stack(means)
-        finally:
-            reset_net(self.net)
+        out = run_steps(self.net, x, T, self.step_mode)
+        steps = torch.arange(1, T + 1, dtype=out.dtype, device=out.device).reshape(-1, *([1] * (out.dim() - 1)))
+        return torch.cumsum(out, 0) / steps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.simulate(x)[-1]

@@ -36,7 +36,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def output_folder(cfg: DictConfig) -> Path:
-    """The run folder; it must be creatable and writable before any work starts."""
+    """The run folder (created when results are written); it must be creatable before any work starts."""
     if cfg.out:
         out = Path(cfg.out).expanduser()
     else:
@@ -44,12 +44,10 @@ def output_folder(cfg: DictConfig) -> Path:
         out = Path("runs") / f"{stamp}_{cfg.model.name.replace('/', '_')}"
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output path {out} exists and is not a folder: choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise PermissionError(f"output folder {out} is not writable ({exc.strerror}): choose another --out") from None
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"output folder {out} is not writable ({existing} does not accept files): "
+                              f"choose another --out")
     return out
 
 
@@ -119,6 +117,7 @@ def run(cfg: DictConfig) -> Dict:
         "calibration": snn.calibration_report, "torch": torch.__version__,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+    out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "sweep.csv", csv_bytes(sweep_rows("default", result)))
     write_atomic(out / "report.json", json.dumps(report, indent=2).encode())
     print(f"\nwrote {out}/sweep.csv and report.json")

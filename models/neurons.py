@@ -48,6 +48,10 @@ class BaseNeuron(StatefulModule):
     def fire(self, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def events(self, out: torch.Tensor) -> torch.Tensor:
+        """Events per element of an output ``k * theta``: one per unit of |k|."""
+        return (out / self.threshold).round().abs()
+
     def reset(self) -> None:
         self.u = None
 
@@ -123,6 +127,10 @@ class MultiThresholdNeuron(BaseNeuron):
     def levels(self) -> List[int]:
         pos = [2 ** j for j in range(self.num_levels)]
         return sorted(([-p for p in pos] if self.signed else []) + [0] + pos)
+
+    def events(self, out: torch.Tensor) -> torch.Tensor:
+        """One graded event per non-zero spike."""
+        return (out != 0).to(out.dtype)
 
     def fire(self, u: torch.Tensor) -> torch.Tensor:
         mag = u.abs() if self.signed else torch.clamp(u, min=0)

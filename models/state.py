@@ -62,3 +62,19 @@ def set_step_mode(net: nn.Module, mode: str, timesteps: int = 1) -> None:
     for m in stateful_modules(net):
         m.step_mode = mode
         m.timesteps = timesteps
+
+
+def run_steps(net: nn.Module, x: torch.Tensor, timesteps: int, step_mode: str = "s") -> torch.Tensor:
+    """Feed ``x`` (the same input at every step) for ``timesteps`` steps from a reset state.
+
+    Returns [T, *out_shape]: the output of each step (not yet averaged). State is cleared afterwards."""
+    reset_net(net)
+    try:
+        if step_mode == "m":
+            set_step_mode(net, "m", timesteps)
+            out = net(x.repeat(timesteps, *([1] * (x.dim() - 1))))
+            return out.reshape(timesteps, x.shape[0], *out.shape[1:])
+        set_step_mode(net, "s")
+        return torch.stack([net(x) for _ in range(timesteps)])
+    finally:
+        reset_net(net)

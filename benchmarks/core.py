@@ -1,0 +1,114 @@
+"""Conversion-core benchmark on vit_fmnist (issue: conversion core).
+
+    python -m benchmarks.core [--eval-images N] [--max-t 32] [--levels 1 4] [--out benchmarks/results]
+
+Fidelity: ANN accuracy, SNN accuracy and agreement with the ANN at t = 1..max_t
+(one anytime run per configuration), calibration from the training split.
+Speed: SNN time per timestep relative to one ANN forward at batch 64, step and
+multi-step mode, measured in the same process. Memory: peak resident memory of
+a fresh process simulating T steps, per mode.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from convert import convert
+from convert.evaluate import evaluate
+from models.data import fashion_mnist
+from models.zoo import create_ann
+
+
+def calibration_images(n: int = 512, seed: int = 0) -> torch.Tensor:
+    train = fashion_mnist("train").dataset
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    return train.tensors[0][idx]
+
+
+def fidelity(ann, calib, test, max_t, levels, **options):
+    loader = DataLoader(test, batch_size=256)
+    t0 = time.time()
+    snn = convert(ann, calib, timesteps=max_t, levels=levels, progress=False, **options)
+    cal_s = time.time() - t0
+    res = evaluate(ann, snn, loader, max_t, progress=False)
+    res["calibration_s"] = cal_s
+    return res
+
+
+def timing(ann, x, T: int = 8, repeats: int = 3):
+    """Seconds of one ANN forward and of one SNN timestep (step and multi-step) on batch ``x``."""
+    calib = x
+    out = {}
+    with torch.no_grad():
+        ann(x)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            ann(x)
+        out["ann_forward_s"] = (time.perf_counter() - t0) / repeats
+    for mode in ("s", "m"):
+        snn = convert(ann, calib, timesteps=T, step_mode=mode, progress=False)
+        snn.simulate(x)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            snn.simulate(x)
+        out[f"snn_step_s_{mode}"] = (time.perf_counter() - t0) / repeats / T
+    return out
+
+
+def peak_memory_mb(mode: str, T: int, batch: int = 64) -> float:
+    """Peak RSS increase (MB) of a fresh process that simulates T steps."""
+    code = (
+        "import resource, torch; from convert import convert; from models.zoo import create_ann;"
+        "from benchmarks.core import calibration_images;"
+        f"ann = create_ann('vit_fmnist'); x = calibration_images({batch});"
+        f"snn = convert(ann, x, timesteps={T}, step_mode='{mode}', progress=False);"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        f"snn.simulate(x);"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--eval-images", type=int, default=None, help="default: the whole test split")
+    parser.add_argument("--max-t", type=int, default=32)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--memory-t", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    ann = create_ann("vit_fmnist")
+    test_data = fashion_mnist("test")
+    test = test_data.dataset if args.eval_images is None else Subset(test_data.dataset, range(args.eval_images))
+    calib = calibration_images()
+    results = {"machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads",
+               "date": str(date.today()), "torch": torch.__version__, "data": test_data.source,
+               "command": "python -m benchmarks.core " + " ".join(sys.argv[1:]), "fidelity": {}}
+    for levels in args.levels:
+        results["fidelity"][f"L={levels}"] = fidelity(ann, calib, test, args.max_t, levels)
+        print(f"L={levels}: ANN {results['fidelity'][f'L={levels}']['ann_top1']:.2f}%", flush=True)
+    results["timing_batch64"] = timing(ann, calib[:64])
+    results["peak_memory_mb"] = {m: {T: peak_memory_mb(m, T) for T in args.memory_t} for m in ("s", "m")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "core.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k != "fidelity"}, indent=2))
+    for name, res in results["fidelity"].items():
+        print(name, "ANN", round(res["ann_top1"], 2),
+              {t: (round(res["top1"][t - 1], 2), round(res["agreement"][t - 1], 2))
+               for t in (1, 2, 4, 8, 16, 32) if t <= args.max_t})
+
+
+if __name__ == "__main__":
+    main()
