@@ -12,6 +12,7 @@ from calibration import CORRECTIONS, METHODS, calibrate
 from convert.network import SpikingModel, check_timesteps
 from convert.rewrite import rewrite
 from models.neurons import NEURONS, create_neuron
+from models.zoo import architecture_of
 
 ATTENTION_VARIANTS = ("ecm",)
 RESIDUAL_STYLES = ("membrane",)
@@ -55,23 +56,32 @@ def check_finite_weights(model: nn.Module) -> None:
             raise ValueError(f"non-finite values (NaN or inf) in the model's weights at {name}")
 
 
-def convert(ann: nn.Module, calibration_data, timesteps: int = 16, **options) -> SpikingModel:
-    """Rewrite ``ann`` (a timm ViT, left untouched) into a spiking network and calibrate its thresholds."""
+def build_spiking(ann: nn.Module, timesteps: int, options: Dict[str, Any]) -> SpikingModel:
+    """The uncalibrated spiking counterpart of ``ann`` (a copy; ``ann`` is left untouched)."""
     timesteps = check_timesteps(timesteps)
     opts = check_options(options)
-    if ann.training:
-        warnings.warn("the ANN was in train mode; converting it in eval mode", stacklevel=2)
     check_finite_weights(ann)
     net = copy.deepcopy(ann).eval()
     make_neuron = partial(_make_neuron, opts["neuron"], opts["levels"], opts["v_init"])
     net = rewrite(net, make_neuron)
     snn = SpikingModel(net, timesteps, opts, step_mode=opts["step_mode"])
-    device = next(net.parameters()).device
+    snn.architecture = architecture_of(ann)
+    return snn
+
+
+def convert(ann: nn.Module, calibration_data, timesteps: int = 16, **options) -> SpikingModel:
+    """Rewrite ``ann`` (a timm ViT, left untouched) into a spiking network and calibrate its thresholds."""
+    if ann.training:
+        warnings.warn("the ANN was in train mode; converting it in eval mode", stacklevel=2)
+    snn = build_spiking(ann, timesteps, options)
+    opts = snn.options
+    device = next(snn.net.parameters()).device
     images = (x.to(device) for x in _checked_images(snn, calibration_data))
-    snn.calibration_report = calibrate(net, images, method=opts["calibration"], percentile=float(opts["percentile"]),
-                                       timesteps=timesteps, num_images=opts["num_images"],
-                                       per_channel=opts["per_channel"], correction=opts["correction"],
-                                       step_mode=opts["step_mode"], progress=opts["progress"])
+    snn.calibration_report = calibrate(snn.net, images, method=opts["calibration"],
+                                       percentile=float(opts["percentile"]), timesteps=snn.timesteps,
+                                       num_images=opts["num_images"], per_channel=opts["per_channel"],
+                                       correction=opts["correction"], step_mode=opts["step_mode"],
+                                       progress=opts["progress"])
     return snn
 
 

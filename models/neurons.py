@@ -50,7 +50,7 @@ class BaseNeuron(StatefulModule):
 
     def events(self, out: torch.Tensor) -> torch.Tensor:
         """Events per element of an output ``k * theta``: one per unit of |k|."""
-        return (out / self.threshold).round().abs()
+        return floor((out / self.threshold).abs() + 0.5)
 
     def reset(self) -> None:
         self.u = None

@@ -118,4 +118,24 @@ def create_ann(name: str, checkpoint: Optional[str] = None, pretrained: bool = T
                 f"or pass --checkpoint FILE (.safetensors or a torch state dict)") from None
     else:
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    model.architecture = {"name": timm_name.split(".")[0], "kwargs": dict(kwargs)}
     return model.eval()
+
+
+def architecture_of(model: torch.nn.Module) -> Optional[dict]:
+    """How to rebuild ``model`` with timm (name and keyword arguments), or None if unknown.
+
+    Known for models from ``create_ann``; for other timm models, the pretrained config's
+    architecture with the model's class count, accepted only if it rebuilds the same tensors."""
+    spec = getattr(model, "architecture", None)
+    if spec is not None:
+        return spec
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not arch or not timm.is_model(arch):
+        return None
+    spec = {"name": arch, "kwargs": {"num_classes": getattr(model, "num_classes", 1000)}}
+    with torch.device("meta"):
+        rebuilt = timm.create_model(arch, pretrained=False, **spec["kwargs"])
+    mine = {k: v.shape for k, v in model.state_dict().items()}
+    theirs = {k: v.shape for k, v in rebuilt.state_dict().items()}
+    return spec if mine == theirs else None

@@ -1,0 +1,116 @@
+"""Checkpoints, energy counts and the run folder's files."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from convert import convert, energy_report, load, save
+from models import create_ann
+from models.neurons import BaseNeuron
+from models.synapse import SpikingSynapse
+
+TINY = dict(img_size=32, patch_size=8, num_classes=5, depth=2, embed_dim=48, num_heads=3)
+
+
+def tiny_ann(**extra):
+    torch.manual_seed(0)
+    return create_ann("vit_tiny_patch16_224", pretrained=False, **{**TINY, **extra})
+
+
+@pytest.mark.parametrize("options", [
+    {}, dict(correction="bias"), dict(per_channel=True), dict(neuron="multi_threshold", levels=4),
+    dict(neuron="if", levels=2, step_mode="m"), dict(calibration="mse"),
+])
+def test_save_load_round_trip_is_bitwise(options, tmp_path):
+    x = torch.randn(4, 3, 32, 32)
+    snn = convert(tiny_ann(), x, timesteps=4, progress=False, **options)
+    path = save(snn, tmp_path / "snn.safetensors")
+    again = load(path)
+    assert torch.equal(snn.simulate(x), again.simulate(x))
+    assert again.options == snn.options and again.timesteps == 4
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_save_load_without_bias_layers(tmp_path):
+    x = torch.randn(4, 3, 32, 32)
+    snn = convert(tiny_ann(qkv_bias=False), x, timesteps=3, correction="bias", progress=False)
+    again = load(save(snn, tmp_path / "snn.safetensors"))
+    assert torch.equal(snn.simulate(x), again.simulate(x))
+
+
+def test_bad_checkpoints_name_the_file(tmp_path):
+    x = torch.randn(2, 3, 32, 32)
+    path = save(convert(tiny_ann(), x, timesteps=2, progress=False), tmp_path / "snn.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated.safetensors"):
+        load(truncated)
+    plain = tmp_path / "ann.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_ann().state_dict().items()}, str(plain))
+    with pytest.raises(ValueError, match="ann.safetensors is not a vit-snn SNN checkpoint"):
+        load(plain)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors does not exist"):
+        load(tmp_path / "missing.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    newer = tmp_path / "newer.safetensors"
+    save_file(tensors, str(newer), metadata={**meta, "version": "99"})
+    with pytest.raises(ValueError, match="newer format version"):
+        load(newer)
+
+
+def test_unknown_architecture_cannot_be_saved(tmp_path):
+    from tests.conftest import build
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="architecture is unknown"):
+        save(convert(build("cls_token"), x, timesteps=2, progress=False), tmp_path / "s.safetensors")
+
+
+def test_energy_counts_match_a_hand_count():
+    """depth-1 ViT, D=8, 1 head, patch = image (N = 2 tokens), MLP 16, K = 3 classes, T = 3."""
+    torch.manual_seed(0)
+    ann = create_ann("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=8, in_chans=1,
+                     num_classes=3, depth=1, embed_dim=8, num_heads=1, mlp_ratio=2.0)
+    x = torch.randn(2, 1, 8, 8)
+    T, N, D, H, K = 3, 2, 8, 16, 3
+    snn = convert(ann, x, timesteps=T, progress=False)
+    events = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            if not module.analog:  # energy_report also runs one analog pass for the ANN counts
+                events[name] = events.get(name, 0.0) + float(module.events(output).sum())
+        return hook
+    handles = [m.register_forward_hook(record(n)) for n, m in snn.net.named_modules() if isinstance(m, BaseNeuron)]
+    report = energy_report(snn, x)
+    for h in handles:
+        h.remove()
+    # ANN: patch conv, qkv, QK^T, AV, proj, fc1, fc2, head; LN x3 (N*D each), softmax N*N, GELU N*H
+    ann_linear = 1 * 64 * D + N * D * 3 * D + N * N * D + N * N * D + N * D * D + N * D * H + N * H * D + D * K
+    ann_nonlinear = 3 * N * D + N * N + N * H
+    assert report["ann_macs"] == pytest.approx(ann_linear + ann_nonlinear)
+    # SNN: synapse SOPs = events x fan-out, per image (events were recorded over both images, T steps)
+    fan_out = {f"{n}.neuron": m.layer.out_features for n, m in snn.net.named_modules() if isinstance(m, SpikingSynapse)}
+    sops_syn = sum(events[n] * f for n, f in fan_out.items()) / 2
+    sops_prod = (events["blocks.0.attn.q_neuron"] * N + events["blocks.0.attn.k_neuron"] * N
+                 + events["blocks.0.attn.attn_neuron"] * D + events["blocks.0.attn.v_neuron"] * N) / 2
+    assert report["snn_sops"] == pytest.approx(sops_syn + sops_prod)
+    snn_macs = T * (64 * D + ann_nonlinear + N * N + N * D)  # first layer, ECM, rescaling of QK^T and AV
+    assert report["snn_macs"] == pytest.approx(snn_macs)
+    assert report["energy_snn_pj"] == pytest.approx(4.6 * snn_macs + 0.9 * (sops_syn + sops_prod))
+    assert report["energy_ann_pj"] == pytest.approx(4.6 * (ann_linear + ann_nonlinear))
+    for name, rate in report["firing_rates"].items():
+        assert 0.0 <= rate <= 1.0
+    assert report["analog_ops"][0]["module"] == "patch_embed.proj"
+    assert sum(o["energy_share"] for o in report["analog_ops"]) == pytest.approx(report["analog_share"])
+
+
+def test_strict_accounting_counts_graded_inputs_as_macs():
+    x = torch.randn(2, 3, 32, 32)
+    binary = energy_report(convert(tiny_ann(), x, timesteps=2, progress=False), x)
+    assert binary["energy_snn_strict_pj"] == pytest.approx(binary["energy_snn_pj"])
+    graded = energy_report(convert(tiny_ann(), x, timesteps=2, levels=4, progress=False), x)
+    assert graded["snn_strict_sops"] == 0 and graded["snn_strict_macs"] > graded["snn_macs"]
