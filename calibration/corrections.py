@@ -1,10 +1,10 @@
 """Corrections after thresholds (Li et al., "A Free Lunch From ANN", ICML 2021), and spike counts.
 
 Bias correction, layer by layer in network order: with mu_ANN the mean output of a
-synapse's layer in analog mode (the ANN) and mu_SNN its mean output over T steps,
-both per output channel over the calibration images and tokens,
+synapse in analog mode (the ANN) and mu_SNN its mean output over T steps, both per
+output channel over the calibration images and tokens,
 
-    b <- b + (mu_ANN - mu_SNN)
+    c <- c + (mu_ANN - mu_SNN)      (c: the synapse's ``bias_shift``, spiking mode only)
 
 so each layer's SNN mean output matches the ANN's at the target T; later layers
 are measured after earlier ones are corrected.
@@ -60,19 +60,16 @@ def bias_correction(net: nn.Module, batches: List[torch.Tensor], timesteps: int,
                     progress: bool = True) -> Dict[str, float]:
     """Shift each synapse's bias so its mean SNN output over ``timesteps`` matches the ANN's.
 
-    Returns the mean absolute shift per layer. A layer without bias gets one."""
+    Returns the mean absolute shift per layer."""
     synapses = [(name, m) for name, m in net.named_modules() if isinstance(m, SpikingSynapse)]
-    targets = layer_means(net, [m.layer for _, m in synapses], batches)
+    targets = layer_means(net, [m for _, m in synapses], batches)
     shifts = {}
     for (name, syn), target in tqdm(list(zip(synapses, targets)), desc="bias correction", disable=not progress,
                                     leave=False):
-        layer = syn.layer
-        current = layer_means(net, [layer], batches, timesteps, step_mode)[0]
-        delta = (target - current).to(layer.weight.dtype)
-        if layer.bias is None:
-            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype,
-                                                  device=layer.weight.device), requires_grad=False)
-        layer.bias.data += delta.to(layer.bias.device)
+        current = layer_means(net, [syn], batches, timesteps, step_mode)[0]
+        weight = syn.layer.weight
+        delta = (target - current).to(device=weight.device, dtype=weight.dtype)
+        syn.bias_shift = delta if syn.bias_shift is None else syn.bias_shift + delta
         shifts[name] = float(delta.abs().mean())
     return shifts
 

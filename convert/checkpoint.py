@@ -74,10 +74,10 @@ def read_metadata(path: Path) -> dict:
 
 
 def _fit_parameters(net: nn.Module, state: dict) -> None:
-    """Give thresholds and biases the shapes the checkpoint holds (per-channel, corrections)."""
+    """Give thresholds and bias shifts the shapes the checkpoint holds (per-channel, corrections)."""
     for key, value in state.items():
         module_path, attr = key.rpartition(".")[::2]
-        if attr not in ("threshold", "bias"):
+        if attr not in ("threshold", "bias_shift"):
             continue
         try:
             module = net.get_submodule(module_path)
@@ -85,7 +85,10 @@ def _fit_parameters(net: nn.Module, state: dict) -> None:
             continue
         current = getattr(module, attr, None)
         if current is None or current.shape != value.shape:
-            setattr(module, attr, nn.Parameter(torch.empty_like(value), requires_grad=False))
+            if attr == "threshold":
+                setattr(module, attr, nn.Parameter(torch.empty_like(value), requires_grad=False))
+            else:
+                setattr(module, attr, torch.empty_like(value))
 
 
 def load(path, device: str = "cpu"):
@@ -101,6 +104,7 @@ def load(path, device: str = "cpu"):
     except (SafetensorError, OSError, KeyError, TypeError, RuntimeError) as exc:
         raise ValueError(f"{path} cannot be rebuilt: {exc}") from None
     snn = build_spiking(ann, config["timesteps"], config["options"])
+    snn.architecture = arch
     _fit_parameters(snn.net, state)
     try:
         snn.net.load_state_dict(state, strict=True)

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="ANN weights: .safetensors or a torch state dict")
     parser.add_argument("--data", help="data root (sets data.root)")
     parser.add_argument("--out", help="output folder (default runs/<date>_<time>_<model>)")
+    parser.add_argument("--load", help="re-evaluate a saved SNN checkpoint (snn.safetensors) instead of converting")
     parser.add_argument("--cfg", action="store_true", help="print the composed config and exit")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides: group=choice or key=value")
     return parser
@@ -69,13 +70,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "=" in args.model:  # an override in the model's place: the default model
         args.overrides.insert(0, args.model)
         args.model = "vit_fmnist"
+    if args.load and args.checkpoint:
+        parser.error("--load (a saved SNN) and --checkpoint (ANN weights to convert) exclude each other")
     try:
         cfg = compose_config(build_overrides(args))
         if args.cfg:
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
         from convert.run import run
-        run(cfg)
+        run(cfg, load_path=args.load)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """Structured configs (one per group) and composition of ``conf/`` with Hydra's Compose API."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -59,6 +59,8 @@ class FinetuneConfig:
 @dataclass
 class SweepConfig:
     name: str = MISSING
+    variants: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    energy_images: int = MISSING
 
 
 @dataclass

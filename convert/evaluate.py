@@ -4,16 +4,18 @@ from __future__ import annotations
 from typing import Dict, Iterable
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
+from calibration import analog_mode
 from convert.network import SpikingModel
 
 
 @torch.no_grad()
-def evaluate(ann: nn.Module, snn: SpikingModel, loader: Iterable, timesteps: int, progress: bool = True) -> Dict:
-    """top-1 / top-5 accuracy (%) of the ANN, and of the SNN after each t = 1..T, plus agreement with the ANN."""
-    device = next(ann.parameters()).device
+def evaluate(snn: SpikingModel, loader: Iterable, timesteps: int, progress: bool = True) -> Dict:
+    """top-1 / top-5 accuracy (%) of the ANN, and of the SNN after each t = 1..T, plus agreement with the ANN.
+
+    The ANN is the SNN's own network in analog mode, which computes the ANN exactly."""
+    device = next(snn.parameters()).device
     n = 0
     ann_top1 = ann_top5 = 0
     top1 = torch.zeros(timesteps, dtype=torch.long)
@@ -21,7 +23,8 @@ def evaluate(ann: nn.Module, snn: SpikingModel, loader: Iterable, timesteps: int
     agree = torch.zeros(timesteps, dtype=torch.long)
     for images, labels in tqdm(loader, desc=f"evaluating T={timesteps}", unit="batch", disable=not progress, leave=False):
         images, labels = images.to(device), labels.to(device)
-        ref = ann(images)
+        with analog_mode(snn.net):
+            ref = snn.net(images)
         per_step = snn.simulate(images, timesteps)  # [T, B, classes]
         k = min(5, ref.shape[-1])
         ann_pred = ref.argmax(-1)

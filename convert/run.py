@@ -1,4 +1,8 @@
-"""The main job: load the ANN and data, convert, evaluate at every timestep, write the run folder."""
+"""The main job: load the ANN and data, convert each variant, evaluate at every timestep, write the run folder.
+
+Run folder: snn.safetensors (the first variant), sweep.csv, sweep.png, energy.png, report.json.
+All files are prepared first and then renamed into place, so a folder never holds a half-written file.
+"""
 from __future__ import annotations
 
 import csv
@@ -6,19 +10,23 @@ import datetime
 import io
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
-from convert.api import convert
+from convert.api import check_options, convert
+from convert.checkpoint import load, save
 from convert.config import convert_options
+from convert.energy import energy_report
 from convert.evaluate import evaluate
-from convert.network import check_timesteps
+from convert.network import SpikingModel, check_timesteps
+from convert.plots import energy_figure, png_bytes, sweep_figure
 from models.data import load_dataset
 from models.zoo import create_ann
 
@@ -51,24 +59,12 @@ def output_folder(cfg: DictConfig) -> Path:
     return out
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def sweep_rows(variant: str, result: Dict) -> list:
+def sweep_rows(variant: str, result: Dict) -> List[Dict]:
     return [{"variant": variant, "t": t + 1, "top1": result["top1"][t], "top5": result["top5"][t],
              "agreement": result["agreement"][t]} for t in range(len(result["top1"]))]
 
 
-def csv_bytes(rows: list) -> bytes:
+def csv_bytes(rows: List[Dict]) -> bytes:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -76,49 +72,94 @@ def csv_bytes(rows: list) -> bytes:
     return buf.getvalue().encode()
 
 
-def print_table(result: Dict) -> None:
-    print(f"\nANN top-1 {result['ann_top1']:.2f}%  ({result['images']} images)")
+def energy_steps(T: int) -> List[int]:
+    """t = 1, 2, 4, ... and T itself."""
+    steps = [2 ** i for i in range(T.bit_length()) if 2 ** i < T]
+    return steps + [T]
+
+
+def print_table(variant: str, result: Dict) -> None:
+    print(f"\n[{variant}] ANN top-1 {result['ann_top1']:.2f}%  ({result['images']} images)")
     print(f"{'t':>4} {'SNN top-1':>10} {'drop':>7} {'agree':>7}")
     for t, (acc, agr) in enumerate(zip(result["top1"], result["agreement"]), 1):
         print(f"{t:>4} {acc:>9.2f}% {result['ann_top1'] - acc:>6.2f} {agr:>6.2f}%")
 
 
-def run(cfg: DictConfig) -> Dict:
+def publish(out: Path, files: Dict[str, bytes], snn: SpikingModel) -> None:
+    """Stage every file in a hidden folder inside ``out``, then rename each into place."""
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+    try:
+        save(snn, staging / "snn.safetensors")
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
+        for path in staging.iterdir():
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
     T = check_timesteps(cfg.timesteps)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     out = output_folder(cfg)
     start = time.time()
-    ann = create_ann(cfg.model.name, cfg.model.checkpoint, cfg.model.pretrained).to(device)
-    test = load_dataset(cfg.data, "test", ann)
-    train = load_dataset(cfg.data, "train", ann)
-    print(f"model {cfg.model.name}; data {cfg.data.name} from {test.source}")
+    base = convert_options(cfg)
+    variants = {name: check_options({**base, **dict(opts)}) for name, opts in cfg.sweep.variants.items()}
+    if load_path:
+        loaded = load(load_path, device=str(device))
+        model_name, net_for_data = loaded.architecture["name"], loaded.net
+        variants = {"loaded": loaded.options}
+    else:
+        ann = create_ann(cfg.model.name, cfg.model.checkpoint, cfg.model.pretrained).to(device)
+        model_name, net_for_data = cfg.model.name, ann
+        variants = variants or {"default": check_options(base)}
+    test = load_dataset(cfg.data, "test", net_for_data)
+    print(f"model {model_name}; data {cfg.data.name} from {test.source}")
     if test.subset:
         print("note: Fashion-MNIST is not available here; numbers are on the bundled 1,000-image subset")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    n_cal = min(cfg.calibration.num_images, len(train.dataset))
-    if n_cal < cfg.calibration.num_images:
-        print(f"warning: only {n_cal} calibration images available (asked for {cfg.calibration.num_images})")
-    calib = Subset(train.dataset, torch.randperm(len(train.dataset), generator=gen)[:n_cal].tolist())
     n_eval = len(test.dataset) if cfg.data.eval_images is None else min(cfg.data.eval_images, len(test.dataset))
     test_loader = DataLoader(Subset(test.dataset, range(n_eval)), batch_size=cfg.data.batch_size)
-    t0 = time.time()
-    snn = convert(ann, DataLoader(calib, batch_size=cfg.data.batch_size), timesteps=T, **convert_options(cfg))
-    convert_s = time.time() - t0
-    t0 = time.time()
-    result = evaluate(ann, snn, test_loader, T, progress=cfg.progress)
-    eval_s = time.time() - t0
-    print_table(result)
-    report = {
-        "model": cfg.model.name, "data": cfg.data.name, "data_source": test.source, "subset": test.subset,
-        "timesteps": T, "options": {k: v for k, v in snn.options.items() if k != "progress"},
-        "config": OmegaConf.to_container(cfg), "device": str(device), **result,
-        "timings_s": {"convert": convert_s, "evaluate": eval_s, "total": time.time() - start},
-        "calibration": snn.calibration_report, "torch": torch.__version__,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "sweep.csv", csv_bytes(sweep_rows("default", result)))
-    write_atomic(out / "report.json", json.dumps(report, indent=2).encode())
-    print(f"\nwrote {out}/sweep.csv and report.json")
+    energy_set = Subset(test.dataset, range(min(cfg.sweep.energy_images, n_eval)))
+    energy_images = torch.stack([energy_set[i][0] for i in range(len(energy_set))])
+    calib = None
+    if not load_path:
+        train = load_dataset(cfg.data, "train", ann)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        n_cal = min(cfg.calibration.num_images, len(train.dataset))
+        if n_cal < cfg.calibration.num_images:
+            print(f"warning: only {n_cal} calibration images available (asked for {cfg.calibration.num_images})")
+        calib = DataLoader(Subset(train.dataset, torch.randperm(len(train.dataset), generator=gen)[:n_cal].tolist()),
+                           batch_size=cfg.data.batch_size)
+
+    rows, energy_points, results, first = [], [], {}, None
+    for name, opts in variants.items():
+        t0 = time.time()
+        snn = loaded if load_path else convert(ann, calib, timesteps=T, **opts)
+        convert_s = time.time() - t0
+        t0 = time.time()
+        result = evaluate(snn, test_loader, T, progress=cfg.progress)
+        eval_s = time.time() - t0
+        print_table(name, result)
+        energies = {t: energy_report(snn, energy_images, timesteps=t) for t in energy_steps(T)}
+        rows += sweep_rows(name, result)
+        energy_points += [{"variant": name, "t": t, "top1": result["top1"][t - 1],
+                           "energy_uj": e["energy_snn_pj"] / 1e6} for t, e in energies.items()]
+        results[name] = {**result, "options": {k: v for k, v in opts.items() if k != "progress"},
+                         "timings_s": {"convert": convert_s, "evaluate": eval_s},
+                         "energy": {t: {k: v for k, v in e.items() if k != "layers"} for t, e in energies.items()},
+                         "calibration": snn.calibration_report}
+        first = first or snn
+    ann_top1 = next(iter(results.values()))["ann_top1"]
+    ann_energy = next(iter(results.values()))["energy"][T]["energy_ann_pj"] / 1e6
+    report = {"model": model_name, "data": cfg.data.name, "data_source": test.source, "subset": test.subset,
+              "timesteps": T, "device": str(device), "ann_top1": ann_top1, "variants": results,
+              "config": OmegaConf.to_container(cfg), "loaded_from": load_path, "torch": torch.__version__,
+              "total_s": time.time() - start, "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    files = {"sweep.csv": csv_bytes(rows), "report.json": json.dumps(report, indent=2).encode(),
+             "sweep.png": png_bytes(sweep_figure(rows, ann_top1, f"{model_name}, T={T}")),
+             "energy.png": png_bytes(energy_figure(energy_points, ann_top1, ann_energy, f"{model_name}"))}
+    publish(out, files, first)
+    print(f"\nwrote {out}/: snn.safetensors, sweep.csv, sweep.png, energy.png, report.json")
     return report

@@ -197,9 +197,29 @@ def test_cli_help_lists_groups_and_cfg_prints_config():
 def test_cli_runs_end_to_end_on_the_embedded_default(tmp_path):
     out = tmp_path / "run"
     rc = main(["--timesteps", "3", "--out", str(out), "data.eval_images=64", "calibration.num_images=64",
-               "data.download=false", "progress=false"])
+               "data.download=false", "progress=false", "sweep.energy_images=8"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     rows = (out / "sweep.csv").read_text().splitlines()
-    assert rows[0].startswith("variant,t,top1") and len(rows) == 1 + 3
-    assert report["images"] == 64 and len(report["top1"]) == 3 and report["ann_top1"] > 50
+    assert rows[0] == "variant,t,top1,top5,agreement" and len(rows) == 1 + 3
+    result = report["variants"]["default"]
+    assert result["images"] == 64 and len(result["top1"]) == 3 and report["ann_top1"] > 50
+    assert sorted(p.name for p in out.iterdir()) == ["energy.png", "report.json", "snn.safetensors", "sweep.csv",
+                                                     "sweep.png"]
+    # re-evaluate the saved SNN at another T
+    again = tmp_path / "again"
+    assert main(["--load", str(out / "snn.safetensors"), "--timesteps", "5", "--out", str(again),
+                 "data.eval_images=64", "data.download=false", "progress=false", "sweep.energy_images=8"]) == 0
+    loaded = json.loads((again / "report.json").read_text())["variants"]["loaded"]
+    assert loaded["top1"][:3] == result["top1"] and len(loaded["top1"]) == 5
+
+
+def test_cli_load_with_checkpoint_and_unwritable_out(tmp_path):
+    res = run_cli("--load", "a.safetensors", "--checkpoint", "b.safetensors")
+    assert res.returncode == 2 and "exclude each other" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = run_cli("--out", str(blocker), "data.eval_images=8")
+    assert res.returncode == 2 and "is not a folder" in res.stderr
+    res = run_cli("--load", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "none.safetensors does not exist" in res.stderr

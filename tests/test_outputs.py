@@ -114,3 +114,40 @@ def test_strict_accounting_counts_graded_inputs_as_macs():
     assert binary["energy_snn_strict_pj"] == pytest.approx(binary["energy_snn_pj"])
     graded = energy_report(convert(tiny_ann(), x, timesteps=2, levels=4, progress=False), x)
     assert graded["snn_strict_sops"] == 0 and graded["snn_strict_macs"] > graded["snn_macs"]
+
+
+def test_sweep_rows_equal_simulate_and_plots_have_one_line_per_variant():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from convert.evaluate import evaluate
+    from convert.plots import energy_figure, sweep_figure
+    from convert.run import sweep_rows
+    x, y = torch.randn(10, 3, 32, 32), torch.randint(0, 5, (10,))
+    snn = convert(tiny_ann(), x, timesteps=4, progress=False)
+    result = evaluate(snn, DataLoader(TensorDataset(x, y), batch_size=3), 4, progress=False)
+    per_step = snn.simulate(x)
+    expected = [(per_step[t].argmax(-1) == y).float().mean().item() * 100 for t in range(4)]
+    rows = sweep_rows("a", result)
+    assert [r["top1"] for r in rows] == pytest.approx(expected)
+    rows += sweep_rows("b", result)
+    fig = sweep_figure(rows, 50.0)
+    ax = fig.axes[0]
+    assert len(ax.get_lines()) == 3 and ax.get_xscale() == "log"
+    assert ax.get_lines()[-1].get_linestyle() == "--"
+    fig = energy_figure([{"variant": v, "t": t, "top1": 1.0, "energy_uj": t} for v in "abc" for t in (1, 2)], 1.0, 3.0)
+    assert len(fig.axes[0].get_lines()) == 4
+
+
+def test_publish_replaces_whole_files_only(tmp_path):
+    from convert.run import publish
+    x = torch.randn(2, 3, 32, 32)
+    snn = convert(tiny_ann(), x, timesteps=2, progress=False)
+    out = tmp_path / "run"
+    publish(out, {"report.json": b"old"}, snn)
+    with pytest.raises(RuntimeError):
+        class Boom(dict):
+            def items(self):
+                raise RuntimeError("disk full")
+        publish(out, Boom(), snn)
+    assert (out / "report.json").read_bytes() == b"old"
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "snn.safetensors"]
