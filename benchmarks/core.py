@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -35,12 +35,21 @@ def calibration_images(n: int = 512, seed: int = 0) -> torch.Tensor:
     return train.tensors[0][idx]
 
 
-def fidelity(ann, calib, test, max_t, levels, **options):
+def machine_info(data_source: str) -> dict:
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+                       f"({torch.get_num_threads()} threads)",
+            "date": str(date.today()), "data": data_source}
+
+
+def fidelity(ann, calib, test, max_t, levels, target_t=None, **options):
+    """One anytime run to ``max_t``; the calibration targets ``target_t`` (default max_t)."""
     loader = DataLoader(test, batch_size=256)
     t0 = time.time()
-    snn = convert(ann, calib, timesteps=max_t, levels=levels, progress=False, **options)
+    snn = convert(ann, calib, timesteps=target_t or max_t, levels=levels, progress=False, **options)
     cal_s = time.time() - t0
-    res = evaluate(ann, snn, loader, max_t, progress=False)
+    t0 = time.time()
+    res = evaluate(snn, loader, max_t, progress=False)
+    res["evaluate_s"] = time.time() - t0
     res["calibration_s"] = cal_s
     return res
 
@@ -66,14 +75,15 @@ def timing(ann, x, T: int = 8, repeats: int = 3):
 
 
 def peak_memory_mb(mode: str, T: int, batch: int = 64) -> float:
-    """Peak RSS increase (MB) of a fresh process that simulates T steps."""
+    """Peak RSS increase (MB) of a fresh process simulating T steps of a batch (small images and calibration
+    on 2 of them, so that nothing before the simulation sets the peak)."""
     code = (
         "import resource, torch; from convert import convert; from models.zoo import create_ann;"
-        "from benchmarks.core import calibration_images;"
-        f"ann = create_ann('vit_fmnist'); x = calibration_images({batch});"
-        f"snn = convert(ann, x, timesteps={T}, step_mode='{mode}', progress=False);"
+        "from models.data import load_bundled_fmnist;"
+        f"ann = create_ann('vit_fmnist'); x = load_bundled_fmnist('test').tensors[0][:{batch}];"
+        f"snn = convert(ann, x[:2], timesteps={T}, step_mode='{mode}', progress=False);"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-        f"snn.simulate(x);"
+        "snn.simulate(x);"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -93,9 +103,8 @@ def main() -> None:
     test_data = fashion_mnist("test")
     test = test_data.dataset if args.eval_images is None else Subset(test_data.dataset, range(args.eval_images))
     calib = calibration_images()
-    results = {"machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads",
-               "date": str(date.today()), "torch": torch.__version__, "data": test_data.source,
-               "command": "python -m benchmarks.core " + " ".join(sys.argv[1:]), "fidelity": {}}
+    results = {**machine_info(test_data.source), "command": "python -m benchmarks.core " + " ".join(sys.argv[1:]),
+               "fidelity": {}}
     for levels in args.levels:
         results["fidelity"][f"L={levels}"] = fidelity(ann, calib, test, args.max_t, levels)
         print(f"L={levels}: ANN {results['fidelity'][f'L={levels}']['ann_top1']:.2f}%", flush=True)

@@ -8,8 +8,8 @@ from typing import Any, Dict
 
 from torch import nn
 
-from calibration import CORRECTIONS, METHODS, calibrate
-from convert.network import SpikingModel, check_timesteps
+from calibration import CORRECTIONS, METHODS, calibrate, iter_images
+from convert.network import SpikingModel, check_images, check_timesteps
 from convert.rewrite import rewrite
 from models.neurons import NEURONS, create_neuron
 from models.zoo import architecture_of
@@ -91,8 +91,6 @@ def _make_neuron(name: str, levels: int, v_init, signed: bool):
 
 
 def _checked_images(snn: SpikingModel, data):
-    from calibration import iter_images
-    from convert.network import check_images
     for images in iter_images(data):
         check_images(snn.net, images)
         yield images

@@ -18,13 +18,7 @@ def sweep_figure(rows: List[Dict], ann_top1: float, title: str = ""):
         ax.plot(*zip(*pts), marker="o", markersize=3, label=variant)
     ax.axhline(ann_top1, linestyle="--", color="black", label=f"ANN {ann_top1:.2f}%")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("timestep t")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "timestep t", title)
 
 
 def energy_figure(points: List[Dict], ann_top1: float, ann_energy_uj: float, title: str = ""):
@@ -35,7 +29,11 @@ def energy_figure(points: List[Dict], ann_top1: float, ann_energy_uj: float, tit
         ax.plot(*zip(*pts), marker="o", markersize=3, label=variant)
     ax.plot([ann_energy_uj], [ann_top1], marker="*", markersize=12, linestyle="none", color="black", label="ANN")
     ax.set_xscale("log")
-    ax.set_xlabel("energy per image (uJ, 4.6 pJ/MAC + 0.9 pJ/SOP)")
+    return _finish(fig, ax, "energy per image (uJ, 4.6 pJ/MAC + 0.9 pJ/SOP)", title)
+
+
+def _finish(fig, ax, xlabel: str, title: str):
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -99,6 +99,12 @@ def publish(out: Path, files: Dict[str, bytes], snn: SpikingModel) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _variant(base: Dict, overrides: Dict, T: int):
+    """A sweep variant: convert() options over the configured ones, and its own T (key ``timesteps``)."""
+    T_v = check_timesteps(overrides.pop("timesteps", T))
+    return check_options({**base, **overrides}), T_v
+
+
 def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
     T = check_timesteps(cfg.timesteps)
     torch.manual_seed(cfg.seed)
@@ -106,15 +112,15 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
     out = output_folder(cfg)
     start = time.time()
     base = convert_options(cfg)
-    variants = {name: check_options({**base, **dict(opts)}) for name, opts in cfg.sweep.variants.items()}
+    variants = {name: _variant(base, dict(opts), T) for name, opts in cfg.sweep.variants.items()}
     if load_path:
         loaded = load(load_path, device=str(device))
         model_name, net_for_data = loaded.architecture["name"], loaded.net
-        variants = {"loaded": loaded.options}
+        variants = {"loaded": (loaded.options, T)}
     else:
         ann = create_ann(cfg.model.name, cfg.model.checkpoint, cfg.model.pretrained).to(device)
         model_name, net_for_data = cfg.model.name, ann
-        variants = variants or {"default": check_options(base)}
+        variants = variants or {"default": (check_options(base), T)}
     test = load_dataset(cfg.data, "test", net_for_data)
     print(f"model {model_name}; data {cfg.data.name} from {test.source}")
     if test.subset:
@@ -134,15 +140,15 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
                            batch_size=cfg.data.batch_size)
 
     rows, energy_points, results, first = [], [], {}, None
-    for name, opts in variants.items():
+    for name, (opts, T_v) in variants.items():
         t0 = time.time()
-        snn = loaded if load_path else convert(ann, calib, timesteps=T, **opts)
+        snn = loaded if load_path else convert(ann, calib, timesteps=T_v, **opts)
         convert_s = time.time() - t0
         t0 = time.time()
-        result = evaluate(snn, test_loader, T, progress=cfg.progress)
+        result = evaluate(snn, test_loader, T_v, progress=cfg.progress)
         eval_s = time.time() - t0
         print_table(name, result)
-        energies = {t: energy_report(snn, energy_images, timesteps=t) for t in energy_steps(T)}
+        energies = {t: energy_report(snn, energy_images, timesteps=t) for t in energy_steps(T_v)}
         rows += sweep_rows(name, result)
         energy_points += [{"variant": name, "t": t, "top1": result["top1"][t - 1],
                            "energy_uj": e["energy_snn_pj"] / 1e6} for t, e in energies.items()]
@@ -152,7 +158,7 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
                          "calibration": snn.calibration_report}
         first = first or snn
     ann_top1 = next(iter(results.values()))["ann_top1"]
-    ann_energy = next(iter(results.values()))["energy"][T]["energy_ann_pj"] / 1e6
+    ann_energy = next(iter(results.values()))["energy"][1]["energy_ann_pj"] / 1e6
     report = {"model": model_name, "data": cfg.data.name, "data_source": test.source, "subset": test.subset,
               "timesteps": T, "device": str(device), "ann_top1": ann_top1, "variants": results,
               "config": OmegaConf.to_container(cfg), "loaded_from": load_path, "torch": torch.__version__,

@@ -46,8 +46,9 @@ class ExpectationCompensation(StatefulModule):
         xs = self.unfold(x)
         t = self.step_index(xs)
         sums = torch.cumsum(xs, dim=0)
-        totals = self.unfold(self.fn(self.fold(sums / t))) * t
-        out = torch.cat([totals[:1], totals[1:] - totals[:-1]])
+        totals = self.unfold(self.fn(self.fold(sums / t))).mul_(t)
+        out = totals.clone()
+        out[1:] -= totals[:-1]
         self.t, self.sum, self.total = self.timesteps, sums[-1], totals[-1]
         return self.fold(out)
 
@@ -77,7 +78,8 @@ class SpikeProduct(StatefulModule):
     def multi_step(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         sa = torch.cumsum(self.unfold(a), dim=0)
         sb = torch.cumsum(self.unfold(b), dim=0)
-        cur = (sa @ sb) / self.step_index(sa)
-        out = torch.cat([cur[:1], cur[1:] - cur[:-1]])
+        cur = (sa @ sb).div_(self.step_index(sa))
+        out = cur.clone()
+        out[1:] -= cur[:-1]
         self.t, self.sum_a, self.sum_b, self.prev = self.timesteps, sa[-1], sb[-1], cur[-1]
         return self.fold(out)

@@ -18,11 +18,6 @@ from torch import nn
 from models.state import StatefulModule
 
 
-def floor(x: torch.Tensor) -> torch.Tensor:
-    """floor(x); floor_divide avoids torch.floor's slow multi-threaded CPU path on small tensors."""
-    return torch.floor_divide(x, 1.0)
-
-
 class BaseNeuron(StatefulModule):
     """Shared state and dynamics; subclasses define ``fire`` and ``levels``."""
 
@@ -50,15 +45,17 @@ class BaseNeuron(StatefulModule):
 
     def events(self, out: torch.Tensor) -> torch.Tensor:
         """Events per element of an output ``k * theta``: one per unit of |k|."""
-        return floor((out / self.threshold).abs() + 0.5)
+        return torch.floor((out / self.threshold).abs() + 0.5)
 
     def reset(self) -> None:
         self.u = None
 
-    def _integrate(self, u: Optional[torch.Tensor], x: torch.Tensor, theta: torch.Tensor):
+    def _integrate(self, u: Optional[torch.Tensor], x_norm: torch.Tensor):
+        """One step in threshold units: returns the new membrane and the integer levels k."""
         if u is None:
-            u = torch.full_like(x, self.v_init)
-        u = self.leak * u + x / theta
+            u = x_norm + self.v_init
+        else:
+            u = u * self.leak + x_norm if self.leak != 1.0 else u + x_norm
         k = self.fire(u)
         u = torch.where(k != 0, torch.zeros_like(u), u) if self.hard_reset else u - k
         return u, k
@@ -67,20 +64,20 @@ class BaseNeuron(StatefulModule):
         if self.analog:
             return x if self.signed else torch.clamp(x, min=0)
         theta = self.threshold.to(x.dtype)
-        self.u, k = self._integrate(self.u, x, theta)
+        self.u, k = self._integrate(self.u, x / theta)
         return k * theta
 
     def multi_step(self, x: torch.Tensor) -> torch.Tensor:
         if self.analog:
             return self.single_step(x)
         theta = self.threshold.to(x.dtype)
-        xs = self.unfold(x)
-        u, out = None, []
-        for x_t in xs:
-            u, k = self._integrate(u, x_t, theta)
-            out.append(k * theta)
+        xs = self.unfold(x / theta)
+        out = torch.empty_like(xs)
+        u = None  # one multi-step call covers steps 1..T from a reset state, like every stateful module
+        for t in range(xs.shape[0]):
+            u, out[t] = self._integrate(u, xs[t])
         self.u = u
-        return self.fold(torch.stack(out))
+        return self.fold(out.mul_(theta))
 
     def extra_repr(self) -> str:
         return f"levels={self.levels()}, v_init={self.v_init}, {super().extra_repr()}"
@@ -102,7 +99,7 @@ class IFNeuron(BaseNeuron):
         return list(range(low, self.num_levels + 1))
 
     def fire(self, u: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(floor(u), -self.num_levels if self.signed else 0, self.num_levels)
+        return torch.clamp(torch.floor(u), -self.num_levels if self.signed else 0, self.num_levels)
 
 
 class SignedIFNeuron(IFNeuron):
