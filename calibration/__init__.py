@@ -1,7 +1,7 @@
 """Calibration: statistics of every neuron's input on calibration images, thresholds, corrections."""
 from __future__ import annotations
 
-from itertools import islice
+import warnings
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -32,6 +32,10 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "percentile", percen
     if correction not in CORRECTIONS:
         raise ValueError(f"unknown correction {correction!r}: use one of {', '.join(CORRECTIONS)}")
     batches = list(_take(iter_images(data), num_images))
+    seen = sum(len(b) for b in batches)
+    if num_images is not None and 0 < seen < num_images:
+        warnings.warn(f"only {seen} calibration images available (asked for {num_images}); calibrating on {seen}",
+                      stacklevel=3)
     hists = collect_statistics(net, batches, per_channel=per_channel, progress=progress)
     report = {}
     for name, module in net.named_modules():

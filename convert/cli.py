@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from convert.config import GROUPS, compose_config, convert_options, group_choices
+from convert.config import GROUPS, compose_config, group_choices
 
 
 def _positive_int(text: str) -> int:
@@ -64,7 +65,12 @@ def build_overrides(args: argparse.Namespace) -> List[str]:
     return overrides + list(args.overrides)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     if "=" in args.model:  # an override in the model's place: the default model

@@ -133,9 +133,7 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
     if not load_path:
         train = load_dataset(cfg.data, "train", ann)
         gen = torch.Generator().manual_seed(cfg.seed)
-        n_cal = min(cfg.calibration.num_images, len(train.dataset))
-        if n_cal < cfg.calibration.num_images:
-            print(f"warning: only {n_cal} calibration images available (asked for {cfg.calibration.num_images})")
+        n_cal = min(cfg.calibration.num_images, len(train.dataset))  # calibrate() warns when short
         calib = DataLoader(Subset(train.dataset, torch.randperm(len(train.dataset), generator=gen)[:n_cal].tolist()),
                            batch_size=cfg.data.batch_size)
 

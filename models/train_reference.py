@@ -1,6 +1,6 @@
 """Train the embedded reference model ``vit_fmnist`` on Fashion-MNIST.
 
-    python -m models.train_reference [--epochs 20] [--out models/assets/vit_fmnist.safetensors]
+    python -m models.train_reference [--epochs 40] [--out models/assets/vit_fmnist.safetensors]
 
 Recipe: AdamW (lr 2e-3, weight decay 0.05, batch 128), one warm-up epoch then
 cosine decay, cross-entropy, random horizontal flip and (``--crop``) a random
@@ -93,7 +93,7 @@ def bundle_subset(n: int = 1000) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REFERENCE_WEIGHTS)
     parser.add_argument("--crop", action="store_true", help="also translate images by up to 2 pixels")

@@ -123,3 +123,10 @@ def test_report_has_thresholds_clipping_errors_and_rates():
         assert entry["threshold"] > 0 and 0 <= entry["clipped"] <= 1 and entry["expected_error"] >= 0
         assert 0 <= entry["firing_rate"] <= 1
     assert any("bias_shift" in e for e in report.values())
+
+
+def test_fewer_calibration_images_than_asked_warns_with_the_number_used():
+    from convert import convert
+    from tests.conftest import build
+    with pytest.warns(UserWarning, match="only 5 calibration images available \\(asked for 64\\)"):
+        convert(build("cls_token"), torch.randn(5, 3, 16, 16), timesteps=2, num_images=64, progress=False)
