@@ -22,14 +22,20 @@ from models.zoo import create_ann
 
 T_MAX = 16
 TARGET_T = {1: 8, 4: 4}
+LAYER, CHANNEL = dict(per_channel=False), dict(per_channel=True)
 METHODS = {
-    "max": dict(calibration="max"),
-    "p99.9": dict(calibration="percentile", percentile=99.9),
-    "p99.99": dict(calibration="percentile", percentile=99.99),
-    "mse": dict(calibration="mse"),
-    "p99.99+bias": dict(calibration="percentile", percentile=99.99, correction="bias"),
-    "mse+bias": dict(calibration="mse", correction="bias"),
+    "max": dict(calibration="max", **LAYER),
+    "p99.9": dict(calibration="percentile", percentile=99.9, **LAYER),
+    "p99.99": dict(calibration="percentile", percentile=99.99, **LAYER),
+    "mse": dict(calibration="mse", **LAYER),
+    "p99 per-channel": dict(calibration="percentile", percentile=99.0, **CHANNEL),
+    "p99.5 per-channel": dict(calibration="percentile", percentile=99.5, **CHANNEL),
+    "p99.9 per-channel": dict(calibration="percentile", percentile=99.9, **CHANNEL),
+    "mse per-channel": dict(calibration="mse", **CHANNEL),
+    "p99.5 per-channel+bias": dict(calibration="percentile", percentile=99.5, correction="bias", **CHANNEL),
 }
+# L=4: the per-layer baseline and the per-channel settings
+METHODS_L4 = ("p99.9", "p99.5 per-channel", "mse per-channel", "p99.5 per-channel+bias")
 
 
 def run(eval_images=None, levels=(1, 4), methods=METHODS):
@@ -40,6 +46,8 @@ def run(eval_images=None, levels=(1, 4), methods=METHODS):
     table = {}
     for L in levels:
         for name, opts in methods.items():
+            if L > 1 and name not in METHODS_L4:
+                continue
             T = TARGET_T[L] if ("mse" in name or "bias" in name) else T_MAX
             res = fidelity(ann, calib, test, max(T, T_MAX), L, target_t=T, **opts)
             table[f"L={L} {name}"] = {"target_t": T, **res}

@@ -75,16 +75,18 @@ def timing(ann, x, T: int = 8, repeats: int = 3):
 
 
 def peak_memory_mb(mode: str, T: int, batch: int = 64) -> float:
-    """Peak RSS increase (MB) of a fresh process simulating T steps of a batch (small images and calibration
-    on 2 of them, so that nothing before the simulation sets the peak)."""
+    """Peak resident memory increase (MB, Linux VmHWM) of a fresh process simulating T steps of a batch.
+
+    Small images and calibration on 2 of them, so that nothing before the simulation sets the peak; VmHWM
+    (unlike ru_maxrss) starts afresh in the new process image."""
     code = (
-        "import resource, torch; from convert import convert; from models.zoo import create_ann;"
+        "import re, torch; from convert import convert; from models.zoo import create_ann;"
         "from models.data import load_bundled_fmnist;"
+        "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1));"
         f"ann = create_ann('vit_fmnist'); x = load_bundled_fmnist('test').tensors[0][:{batch}];"
         f"snn = convert(ann, x[:2], timesteps={T}, step_mode='{mode}', progress=False);"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-        "snn.simulate(x);"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)"
+        "base = hwm(); snn.simulate(x);"
+        "print((hwm() - base) / 1024)"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(res.stdout.strip().splitlines()[-1])

@@ -48,7 +48,7 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "percentile", percen
         module.threshold = nn.Parameter(theta.to(module.threshold.device), requires_grad=False)
         report[name] = {
             "threshold": theta.tolist(),
-            "max_input": hist.maximum(module.signed).tolist() if per_channel else float(hist.maximum(module.signed)[0]),
+            "max_input": hist.maximum(module.signed).tolist() if hist.channels else float(hist.maximum(module.signed)[0]),
             "clipped": float(hist.fraction_above(theta.double() * module.max_level, module.signed).mean()),
             "expected_error": float(expected_error(hist, theta.reshape(-1).numpy(), module.max_level, timesteps,
                                                    module.signed).mean()),

@@ -19,7 +19,7 @@ RESIDUAL_STYLES = ("membrane",)
 
 # The defaults: the best training-free settings measured on vit_fmnist (BENCHMARKS.md).
 DEFAULTS: Dict[str, Any] = dict(neuron="signed_if", levels=1, v_init=None, calibration="percentile",
-                                percentile=99.99, per_channel=False, correction="none", num_images=None, attention="ecm",
+                                percentile=99.5, per_channel=True, correction="none", num_images=None, attention="ecm",
                                 residual="membrane", step_mode="s", progress=True)
 
 

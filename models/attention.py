@@ -30,6 +30,7 @@ class SpikingAttention(nn.Module):
         self.qk = SpikeProduct()
         self.softmax = ExpectationCompensation(nn.Softmax(dim=-1))
         self.attn_neuron = make_neuron(False)
+        self.attn_neuron.feature_last = False  # its last axis is the key position: one threshold
         self.av = SpikeProduct()
         self.attn_drop = attn.attn_drop
         self.proj_drop = attn.proj_drop

@@ -109,7 +109,7 @@ def test_dynamic_image_size_runs_other_sizes():
     x = torch.randn(2, 3, 24, 20)
     with torch.no_grad():
         ref = ann(x)
-    snn = convert(ann, x, timesteps=64, calibration="max", progress=False, step_mode="m")
+    snn = convert(ann, x, timesteps=128, calibration="max", progress=False, step_mode="m")
     assert rel_err(snn.simulate(x), ref)[-1] < 0.1
 
 
