@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Subset
 
 from benchmarks import calibration as cal_bench
+from benchmarks import outputs
 from benchmarks.core import calibration_images, fidelity, machine_info, peak_memory_mb, timing
 from convert.plots import png_bytes, sweep_figure
 from convert.run import sweep_rows
@@ -97,6 +98,7 @@ def main() -> None:
     ann_top1 = next(iter(core_res["fidelity"].values()))["ann_top1"]
     (args.out / "fidelity.png").write_bytes(png_bytes(sweep_figure(rows, ann_top1, "vit_fmnist on Fashion-MNIST")))
     args.markdown.write_text(markdown(core_res, cal_res, command))
+    outputs.write_section(args.markdown, outputs.markdown(outputs.run(64 if args.quick else 256), command))
     print(f"wrote {args.markdown} and {args.out}/", file=sys.stderr)
 
 

@@ -59,7 +59,7 @@ class FinetuneConfig:
 @dataclass
 class SweepConfig:
     name: str = MISSING
-    variants: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    variants: Optional[Dict[str, Dict[str, Any]]] = field(default_factory=dict)
     energy_images: int = MISSING
 
 

@@ -112,6 +112,9 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
     out = output_folder(cfg)
     start = time.time()
     base = convert_options(cfg)
+    if cfg.sweep.variants is None:
+        raise ValueError("the sweep is empty (sweep.variants=null): give at least one variant, or {} for the "
+                         "configured options alone")
     variants = {name: _variant(base, dict(opts), T) for name, opts in cfg.sweep.variants.items()}
     if load_path:
         loaded = load(load_path, device=str(device))

@@ -118,12 +118,13 @@ def create_ann(name: str, checkpoint: Optional[str] = None, pretrained: bool = T
                 f"or pass --checkpoint FILE (.safetensors or a torch state dict)") from None
     else:
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
-    model.architecture = {"name": timm_name.split(".")[0], "kwargs": dict(kwargs)}
+    source = str(checkpoint) if checkpoint else (f"timm:{timm_name}" if pretrained else "random init")
+    model.architecture = {"name": timm_name.split(".")[0], "kwargs": dict(kwargs), "source": source}
     return model.eval()
 
 
 def architecture_of(model: torch.nn.Module) -> Optional[dict]:
-    """How to rebuild ``model`` with timm (name and keyword arguments), or None if unknown.
+    """How to rebuild ``model`` with timm (name, keyword arguments, weight source), or None if unknown.
 
     Known for models from ``create_ann``; for other timm models, the pretrained config's
     architecture with the model's class count, accepted only if it rebuilds the same tensors."""
@@ -133,7 +134,8 @@ def architecture_of(model: torch.nn.Module) -> Optional[dict]:
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if not arch or not timm.is_model(arch):
         return None
-    spec = {"name": arch, "kwargs": {"num_classes": getattr(model, "num_classes", 1000)}}
+    spec = {"name": arch, "kwargs": {"num_classes": getattr(model, "num_classes", 1000)},
+            "source": f"timm:{arch} (weights given in memory)"}
     with torch.device("meta"):
         rebuilt = timm.create_model(arch, pretrained=False, **spec["kwargs"])
     mine = {k: v.shape for k, v in model.state_dict().items()}

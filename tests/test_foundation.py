@@ -161,6 +161,8 @@ def run_cli(*args, cwd=None):
     (["neuron=lif"], "Could not find 'neuron/lif'"),
     (["neuron.levelz=2"], "neuron.levelz"),
     (["timesteps=0"], "timesteps must be a positive integer"),
+    (["sweep.variants=null"], "the sweep is empty"),
+    (["sweep=neurons", "sweep.variants.signed_if_L1.neuron=lif"], "unknown neuron 'lif'"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path):
     out = tmp_path / "run"
