@@ -146,7 +146,7 @@ def collect_statistics(net: nn.Module, batches: Iterable[torch.Tensor], bins: in
             raise ValueError(f"non-finite activations (NaN or inf) at the input of {name}: "
                              f"check the model weights and the input images")
         if name not in hists:
-            hists[name] = RunningHistogram(bins, x.shape[-1] if per_channel and module.feature_last else None)
+            hists[name] = RunningHistogram(bins, x.shape[-1] if per_channel and module.channelwise else None)
         hists[name].update(x)
 
     seen = 0

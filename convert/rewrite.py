@@ -69,6 +69,7 @@ class Rewriter:
     def __init__(self, make_neuron: Callable[[bool], BaseNeuron]) -> None:
         self.make_neuron = make_neuron
         self.first_layers: Set[int] = set()
+        self.fixed_tokens = True  # False for dynamic image sizes: the token count varies between inputs
 
     def lookup(self, module: nn.Module, path: str) -> Converter:
         cls = type(module)
@@ -104,6 +105,7 @@ def _vision_transformer(rw: Rewriter, model: nn.Module, path: str) -> nn.Module:
         raise UnsupportedModuleError(f"unsupported global_pool={model.global_pool!r} at {path or '<root>'}: "
                                      f"use 'token', 'avg' or '' (max pooling is not linear)")
     rw.first_layers.add(id(model.patch_embed.proj))
+    rw.fixed_tokens = not getattr(model, "dynamic_img_size", False)
     return rw.convert_children(model, path)
 
 
@@ -150,7 +152,7 @@ def _attention(rw: Rewriter, attn: nn.Module, path: str) -> nn.Module:
         raise UnsupportedModuleError(f"unsupported gated attention at {path}: the sigmoid gate is a product "
                                      f"of two analog streams")
     sub = {name: rw.convert(getattr(attn, name), f"{path}.{name}") for name in ("qkv", "q_norm", "k_norm", "norm", "proj")}
-    return SpikingAttention(attn, rw.make_neuron, **sub)
+    return SpikingAttention(attn, rw.make_neuron, fixed_tokens=rw.fixed_tokens, **sub)
 
 
 def rewrite(model: nn.Module, make_neuron: Callable[[bool], BaseNeuron], path: Optional[str] = "") -> nn.Module:

@@ -19,7 +19,8 @@ class SpikingAttention(nn.Module):
     """Multi-head attention on spike streams, softmax kept and computed in expectation."""
 
     def __init__(self, attn: nn.Module, make_neuron: Callable[[bool], BaseNeuron],
-                 qkv: nn.Module, q_norm: nn.Module, k_norm: nn.Module, norm: nn.Module, proj: nn.Module) -> None:
+                 qkv: nn.Module, q_norm: nn.Module, k_norm: nn.Module, norm: nn.Module, proj: nn.Module,
+                 fixed_tokens: bool = True) -> None:
         super().__init__()
         self.num_heads = attn.num_heads
         self.head_dim = attn.head_dim
@@ -30,7 +31,8 @@ class SpikingAttention(nn.Module):
         self.qk = SpikeProduct()
         self.softmax = ExpectationCompensation(nn.Softmax(dim=-1))
         self.attn_neuron = make_neuron(False)
-        self.attn_neuron.feature_last = False  # its last axis is the key position: one threshold
+        # its last axis is the key position: per-key thresholds only where the token count is fixed
+        self.attn_neuron.channelwise = fixed_tokens
         self.av = SpikeProduct()
         self.attn_drop = attn.attn_drop
         self.proj_drop = attn.proj_drop

@@ -30,7 +30,7 @@ class BaseNeuron(StatefulModule):
         self.threshold = nn.Parameter(torch.tensor(float(threshold)), requires_grad=False)
         self.v_init = float(v_init)
         self.analog = False
-        self.feature_last = True  # the last input axis holds features: per-channel thresholds apply
+        self.channelwise = True  # a per-channel threshold along the last input axis is meaningful
         self.u: Optional[torch.Tensor] = None
 
     @property

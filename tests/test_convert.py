@@ -217,3 +217,10 @@ def test_vit_base_at_224():
     snn = convert(ann, x, timesteps=8, calibration="max", progress=False)
     err = rel_err(snn.simulate(x), ref)
     assert err[-1] < err[1] < err[0]
+
+
+def test_per_channel_thresholds_follow_a_changing_token_count():
+    """Calibrated at one size, run at another: per-key thresholds on the attention map would not fit."""
+    ann = build("dynamic_img_size")
+    snn = convert(ann, torch.randn(4, 3, 16, 16), timesteps=4, per_channel=True, progress=False)
+    assert snn.simulate(torch.randn(2, 3, 24, 20)).shape == (4, 2, 7)
