@@ -76,7 +76,12 @@ def markdown(core_res, cal_res, command) -> str:
         for name, res in cal_res["table"].items():
             drop = [f"{res['top1'][t - 1]:.2f} ({res['ann_top1'] - res['top1'][t - 1]:+.2f})" for t in CHECK_T[:5]]
             lines.append(f"| {name} | {res['target_t']} | " + " | ".join(drop) + f" | {res['calibration_s']:.1f} |")
-        lines += ["", "Cells: SNN top-1 % (drop vs the ANN, points)."]
+        lines += ["", "Cells: SNN top-1 % (drop vs the ANN, points).", "", "Best training-free setting per T:"]
+        for t in CHECK_T[:5]:
+            for L in sorted({name.split()[0] for name in cal_res["table"]}):
+                rows = {n: r for n, r in cal_res["table"].items() if n.startswith(L + " ")}
+                best = max(rows, key=lambda n: rows[n]["top1"][t - 1])
+                lines.append(f"- T={t}, {L}: {best.split(' ', 1)[1]} ({rows[best]['top1'][t - 1]:.2f}%)")
     return "\n".join(lines) + "\n"
 
 
@@ -85,7 +90,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite the tables from results.json (no measurement)")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads((args.out / "results.json").read_text())
+        old = args.markdown.read_text()
+        keep = old[old.index(outputs.BEGIN):] if outputs.BEGIN in old else ""
+        command = old.split("Measured with `", 1)[1].split("`", 1)[0]
+        args.markdown.write_text(markdown(saved["core"], saved["calibration"], command) + "\n" + keep)
+        return
     command = "python -m benchmarks" + (" --quick" if args.quick else "")
     eval_images = 500 if args.quick else None
     core_res = core(eval_images, 8 if args.quick else 32, (1, 8) if args.quick else (1, 4, 16, 32), args.quick)
