@@ -13,7 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from torch.utils.data import Subset
 
 from benchmarks.core import calibration_images, fidelity, machine_info

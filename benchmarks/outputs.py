@@ -13,7 +13,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from benchmarks.core import calibration_images, machine_info
 from convert import convert, energy_report, load, save

@@ -4,7 +4,6 @@ from __future__ import annotations
 import warnings
 from typing import Dict, Iterable, Optional
 
-import torch
 from torch import nn
 
 from calibration.corrections import bias_correction, firing_rates

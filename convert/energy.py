@@ -27,7 +27,7 @@ from torch import nn
 from calibration.statistics import analog_mode, iter_images
 from convert.network import SpikingModel, check_images
 from models.attention import SpikingAttention
-from models.ecm import ExpectationCompensation, SpikeProduct
+from models.ecm import ExpectationCompensation
 from models.neurons import BaseNeuron
 from models.state import run_steps
 from models.synapse import SpikingSynapse

@@ -1,5 +1,4 @@
 """Properties of the rewrite on random-weight timm ViTs of every configuration."""
-import warnings
 
 import pytest
 import timm

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate  # noqa: F401  (composition is what is exercised)
 
 from convert.cli import main
 from convert.config import GROUPS, compose_config, group_choices
@@ -143,7 +142,7 @@ def test_reference_model_reaches_its_accuracy_on_the_bundled_subset():
     with torch.no_grad():
         acc = (model(x).argmax(-1) == y).float().mean().item() * 100
     assert acc >= 88.0  # 90.0% or more on the full test split (README); the 1k subset is noisier
-    import torchvision  # noqa: F401  torchvision layout: class token, token pooling, qkv bias
+    # torchvision's ViT layout: class token, token pooling, qkv bias
     assert model.cls_token is not None and model.global_pool == "token" and model.blocks[0].attn.qkv.bias is not None
 
 

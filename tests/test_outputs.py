@@ -1,5 +1,4 @@
 """Checkpoints, energy counts and the run folder's files."""
-import json
 
 import pytest
 import torch
