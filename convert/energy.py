@@ -51,7 +51,6 @@ class _Counter:
     """Forward hooks that add up operations per module."""
 
     def __init__(self, net: nn.Module) -> None:
-        self.net = net
         self.analog = False
         self.ops: Dict[str, Dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.handles = []
