@@ -2,8 +2,10 @@
 
 Metadata: ``format`` ("vit-snn"), ``version``, and ``config`` (JSON): the ANN's timm
 architecture (name and keyword arguments), the conversion options, T, step mode,
-the calibration report, and the package, timm and torch versions. ``load`` rebuilds
-the spiking network from the architecture alone: no ANN weights file is needed.
+the calibration and fine-tuning reports, and the package, timm and torch versions.
+``load`` rebuilds the spiking network from the architecture alone: no ANN weights
+file is needed. A fine-tuning checkpoint also holds the optimiser state under the
+``finetune_state/`` prefix (tensors) and ``config["finetune_state"]``; ``load`` ignores both.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Dict, Optional, Tuple
 
 import timm
 import torch
@@ -19,12 +22,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 FORMAT = "vit-snn"
+TRAINING_PREFIX = "finetune_state/"
 VERSION = 1
 PACKAGE_VERSION = "0.1.0"
 
 
-def save(snn, path) -> Path:
-    """Write ``snn`` to ``path`` (a temporary name first, then renamed)."""
+def save(snn, path, training_state: Optional[Tuple[Dict[str, torch.Tensor], dict]] = None) -> Path:
+    """Write ``snn`` to ``path`` (a temporary name first, then renamed).
+
+    ``training_state``: (tensors, metadata) of an unfinished fine-tuning run, for ``finetune(resume=...)``."""
     from convert.network import SpikingModel
     if not isinstance(snn, SpikingModel):
         raise ValueError(f"save expects a SpikingModel from convert(), got {type(snn).__name__}")
@@ -34,9 +40,13 @@ def save(snn, path) -> Path:
     path = Path(path).expanduser()
     config = {"architecture": snn.architecture, "options": snn.options, "timesteps": snn.timesteps,
               "step_mode": snn.step_mode, "calibration_report": snn.calibration_report,
+              "finetune_report": snn.finetune_report,
               "versions": {"vit-snn": PACKAGE_VERSION, "timm": timm.__version__, "torch": torch.__version__}}
-    metadata = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(config)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in snn.net.state_dict().items()}
+    if training_state is not None:
+        extra, config["finetune_state"] = training_state
+        tensors.update({TRAINING_PREFIX + k: v.detach().cpu().contiguous() for k, v in extra.items()})
+    metadata = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(config)}
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot save {path}: folder {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -91,6 +101,15 @@ def _fit_parameters(net: nn.Module, state: dict) -> None:
                 setattr(module, attr, torch.empty_like(value))
 
 
+def _load_weights(net: nn.Module, state: dict, path: Path) -> None:
+    _fit_parameters(net, state)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise ValueError(f"{path} does not fit the network it describes: {first}") from None
+
+
 def load(path, device: str = "cpu"):
     """Rebuild the SNN saved at ``path``."""
     from safetensors.torch import load_file
@@ -98,18 +117,39 @@ def load(path, device: str = "cpu"):
     path = Path(path).expanduser()
     config = read_metadata(path)
     try:
-        state = load_file(str(path), device=device)
+        state = {k: v for k, v in load_file(str(path), device=device).items() if not k.startswith(TRAINING_PREFIX)}
         arch = config["architecture"]
         ann = timm.create_model(arch["name"], pretrained=False, **arch["kwargs"]).eval()
     except (SafetensorError, OSError, KeyError, TypeError, RuntimeError) as exc:
         raise ValueError(f"{path} cannot be rebuilt: {exc}") from None
     snn = build_spiking(ann, config["timesteps"], config["options"])
     snn.architecture = arch
-    _fit_parameters(snn.net, state)
-    try:
-        snn.net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = " ".join(str(exc).split())[:300]
-        raise ValueError(f"{path} does not fit the network it describes: {first}") from None
+    _load_weights(snn.net, state, path)
     snn.calibration_report = config.get("calibration_report", {})
+    snn.finetune_report = config.get("finetune_report")
     return snn.to(device)
+
+
+def load_training_state(path, snn) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Weights of a fine-tuning checkpoint into ``snn`` (which must be the same conversion), and its
+    optimiser tensors and progress metadata."""
+    from safetensors.torch import load_file
+    path = Path(path).expanduser()
+    config = read_metadata(path)
+    if "finetune_state" not in config:
+        raise ValueError(f"{path} holds no fine-tuning state (a final SNN checkpoint, not one written during "
+                         f"fine-tuning): resume from a checkpoint that finetune wrote while running")
+    theirs = {k: config.get(k) for k in ("architecture", "options")}
+    ours = {"architecture": snn.architecture, "options": snn.options}
+    if json.loads(json.dumps(ours)) != theirs:
+        diff = [k for k in ours if json.loads(json.dumps(ours[k])) != theirs[k]]
+        raise ValueError(f"cannot resume from {path}: it was fine-tuned from another conversion "
+                         f"(its {' and '.join(diff)} differ from this network's)")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    state = {k: v for k, v in tensors.items() if not k.startswith(TRAINING_PREFIX)}
+    _load_weights(snn.net, state, path)
+    extra = {k[len(TRAINING_PREFIX):]: v for k, v in tensors.items() if k.startswith(TRAINING_PREFIX)}
+    return extra, config["finetune_state"]

@@ -85,7 +85,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         from convert.run import run
         run(cfg, load_path=args.load)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -54,6 +54,23 @@ class AttentionConfig:
 @dataclass
 class FinetuneConfig:
     epochs: int = MISSING
+    lr: float = MISSING
+    threshold_lr: Optional[float] = None
+    weight_decay: float = MISSING
+    warmup: float = MISSING
+    batch_size: int = MISSING
+    timesteps: Optional[int] = None
+    images: Optional[int] = None
+    surrogate: str = MISSING
+    alpha: float = MISSING
+    thresholds: bool = MISSING
+    weights: bool = MISSING
+    distill: float = MISSING
+    temperature: float = MISSING
+    grad_checkpoint: bool = MISSING
+    checkpoint_every: int = MISSING
+    resume: Optional[str] = None
+    max_steps: Optional[int] = None
 
 
 @dataclass
@@ -120,6 +137,12 @@ def compose_config(overrides: Optional[List[str]] = None) -> DictConfig:
         raise ValueError(f"bad configuration override: {message}") from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def finetune_options(cfg: DictConfig) -> Dict[str, Any]:
+    """The keyword options of ``finetune()`` (all but ``epochs``) that a composed config selects."""
+    keys = [k for k in cfg.finetune if k != "epochs"]
+    return {**{k: cfg.finetune[k] for k in keys}, "seed": cfg.seed, "progress": cfg.progress}
 
 
 def convert_options(cfg: DictConfig) -> Dict[str, Any]:

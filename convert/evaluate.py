@@ -1,9 +1,10 @@
 """Accuracy of the ANN and of the SNN at every timestep, in one pass over the data."""
 from __future__ import annotations
 
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Optional
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from calibration import analog_mode
@@ -11,10 +12,12 @@ from convert.network import SpikingModel
 
 
 @torch.no_grad()
-def evaluate(snn: SpikingModel, loader: Iterable, timesteps: int, progress: bool = True) -> Dict:
+def evaluate(snn: SpikingModel, loader: Iterable, timesteps: int, progress: bool = True,
+             reference: Optional[nn.Module] = None) -> Dict:
     """top-1 / top-5 accuracy (%) of the ANN, and of the SNN after each t = 1..T, plus agreement with the ANN.
 
-    The ANN is the SNN's own network in analog mode, which computes the ANN exactly."""
+    The ANN is ``reference`` or else the SNN's own network in analog mode, which computes the ANN
+    exactly (for a fine-tuned SNN: the ANN with the fine-tuned weights)."""
     device = next(snn.parameters()).device
     n = 0
     ann_top1 = ann_top5 = 0
@@ -23,8 +26,11 @@ def evaluate(snn: SpikingModel, loader: Iterable, timesteps: int, progress: bool
     agree = torch.zeros(timesteps, dtype=torch.long)
     for images, labels in tqdm(loader, desc=f"evaluating T={timesteps}", unit="batch", disable=not progress, leave=False):
         images, labels = images.to(device), labels.to(device)
-        with analog_mode(snn.net):
-            ref = snn.net(images)
+        if reference is not None:
+            ref = reference(images)
+        else:
+            with analog_mode(snn.net):
+                ref = snn.net(images)
         per_step = snn.simulate(images, timesteps)  # [T, B, classes]
         k = min(5, ref.shape[-1])
         ann_pred = ref.argmax(-1)

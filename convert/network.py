@@ -48,6 +48,7 @@ class SpikingModel(nn.Module):
             raise ValueError(f"unknown step_mode {step_mode!r}: use 's' (step) or 'm' (multi-step)")
         self.step_mode = step_mode
         self.calibration_report: Dict[str, dict] = {}
+        self.finetune_report: Optional[Dict[str, Any]] = None
         self.architecture: Optional[Dict[str, Any]] = None  # timm name and kwargs of the ANN, for checkpoints
 
     @torch.no_grad()

@@ -1,6 +1,7 @@
 """The main job: load the ANN and data, convert each variant, evaluate at every timestep, write the run folder.
 
-Run folder: snn.safetensors (the first variant), sweep.csv, sweep.png, energy.png, report.json.
+Run folder: snn.safetensors (the first variant), sweep.csv, sweep.png, energy.png, report.json, and with
+fine-tuning finetune.safetensors (the resumable training checkpoint, written while training).
 All files are prepared first and then renamed into place, so a folder never holds a half-written file.
 """
 from __future__ import annotations
@@ -22,9 +23,10 @@ from torch.utils.data import DataLoader, Subset
 
 from convert.api import check_options, convert
 from convert.checkpoint import load, save
-from convert.config import convert_options
+from convert.config import convert_options, finetune_options
 from convert.energy import energy_report
 from convert.evaluate import evaluate
+from convert.finetune import check_finetune_options, finetune
 from convert.network import SpikingModel, check_timesteps
 from convert.plots import energy_figure, png_bytes, sweep_figure
 from models.data import load_dataset
@@ -116,6 +118,7 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
         raise ValueError("the sweep is empty (sweep.variants=null): give at least one variant, or {} for the "
                          "configured options alone")
     variants = {name: _variant(base, dict(opts), T) for name, opts in cfg.sweep.variants.items()}
+    check_finetune_options(cfg.finetune.epochs, finetune_options(cfg))
     if load_path:
         loaded = load(load_path, device=str(device))
         model_name, net_for_data = loaded.architecture["name"], loaded.net
@@ -132,9 +135,10 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
     test_loader = DataLoader(Subset(test.dataset, range(n_eval)), batch_size=cfg.data.batch_size)
     energy_set = Subset(test.dataset, range(min(cfg.sweep.energy_images, n_eval)))
     energy_images = torch.stack([energy_set[i][0] for i in range(len(energy_set))])
-    calib = None
+    calib = train = None
+    if not load_path or cfg.finetune.epochs:
+        train = load_dataset(cfg.data, "train", net_for_data)
     if not load_path:
-        train = load_dataset(cfg.data, "train", ann)
         gen = torch.Generator().manual_seed(cfg.seed)
         n_cal = min(cfg.calibration.num_images, len(train.dataset))  # calibrate() warns when short
         calib = DataLoader(Subset(train.dataset, torch.randperm(len(train.dataset), generator=gen)[:n_cal].tolist()),
@@ -146,7 +150,16 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
         snn = loaded if load_path else convert(ann, calib, timesteps=T_v, **opts)
         convert_s = time.time() - t0
         t0 = time.time()
-        result = evaluate(snn, test_loader, T_v, progress=cfg.progress)
+        if cfg.finetune.epochs:
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt = out / ("finetune.safetensors" if len(variants) == 1 else f"finetune-{name}.safetensors")
+            finetune(snn, train.dataset, cfg.finetune.epochs, **finetune_options(cfg), checkpoint_path=ckpt)
+            print(f"[{name}] fine-tuned {snn.finetune_report['steps']} steps at T={snn.finetune_report['timesteps']}"
+                  f" in {snn.finetune_report['seconds']:.0f} s; train loss per epoch "
+                  f"{', '.join(f'{v:.4f}' for v in snn.finetune_report['loss'])}")
+        finetune_s = time.time() - t0
+        t0 = time.time()
+        result = evaluate(snn, test_loader, T_v, progress=cfg.progress, reference=None if load_path else ann)
         eval_s = time.time() - t0
         print_table(name, result)
         energies = {t: energy_report(snn, energy_images, timesteps=t) for t in energy_steps(T_v)}
@@ -154,7 +167,8 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
         energy_points += [{"variant": name, "t": t, "top1": result["top1"][t - 1],
                            "energy_uj": e["energy_snn_pj"] / 1e6} for t, e in energies.items()]
         results[name] = {**result, "options": {k: v for k, v in opts.items() if k != "progress"},
-                         "timings_s": {"convert": convert_s, "evaluate": eval_s},
+                         "timings_s": {"convert": convert_s, "finetune": finetune_s, "evaluate": eval_s},
+                         "finetune": snn.finetune_report,
                          "energy": {t: {k: v for k, v in e.items() if k != "layers"} for t, e in energies.items()},
                          "calibration": snn.calibration_report}
         first = first or snn

@@ -46,7 +46,7 @@ class ExpectationCompensation(StatefulModule):
         xs = self.unfold(x)
         t = self.step_index(xs)
         sums = torch.cumsum(xs, dim=0)
-        totals = self.unfold(self.fn(self.fold(sums / t))).mul_(t)
+        totals = self.unfold(self.fn(self.fold(sums / t))) * t  # not in place: softmax's backward needs its output
         out = totals.clone()
         out[1:] -= totals[:-1]
         self.t, self.sum, self.total = self.timesteps, sums[-1], totals[-1]

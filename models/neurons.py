@@ -7,10 +7,15 @@ The membrane starts at ``v_init`` * theta; v_init = 0.5 turns the truncation of
 ``floor`` into rounding (QCFS-style shift). ``analog = True`` makes a neuron the
 identity (a non-negative neuron: max(x, 0)), the function the neuron converges to; the
 network then computes the ANN exactly (used while calibrating).
+
+Training (fine-tuning over T): with a ``surrogate`` set and gradients enabled, the
+forward value stays exactly k while the gradient is that of a smooth or linear
+stand-in g(u) for the staircase k(u) (``k = fire(u) + g(u) - g(u).detach()``); the
+reset uses k detached, so gradients flow through the membrane but not the reset.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,6 +36,7 @@ class BaseNeuron(StatefulModule):
         self.v_init = float(v_init)
         self.analog = False
         self.channelwise = True  # a per-channel threshold along the last input axis is meaningful
+        self.surrogate: Optional[Surrogate] = None  # set while fine-tuning
         self.u: Optional[torch.Tensor] = None
 
     @property
@@ -42,6 +48,10 @@ class BaseNeuron(StatefulModule):
         raise NotImplementedError
 
     def fire(self, u: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def jumps(self) -> List[Tuple[float, float]]:
+        """(position, height) of every step of the staircase k(u), in increasing position."""
         raise NotImplementedError
 
     def events(self, out: torch.Tensor) -> torch.Tensor:
@@ -58,7 +68,12 @@ class BaseNeuron(StatefulModule):
         else:
             u = u * self.leak + x_norm if self.leak != 1.0 else u + x_norm
         k = self.fire(u)
-        u = torch.where(k != 0, torch.zeros_like(u), u) if self.hard_reset else u - k
+        if self.surrogate is not None and torch.is_grad_enabled():
+            g = self.surrogate(u, self.jumps())
+            k, k_reset = k + (g - g.detach()), k
+        else:
+            k_reset = k
+        u = torch.where(k_reset != 0, torch.zeros_like(u), u) if self.hard_reset else u - k_reset
         return u, k
 
     def single_step(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,12 +88,13 @@ class BaseNeuron(StatefulModule):
             return self.single_step(x)
         theta = self.threshold.to(x.dtype)
         xs = self.unfold(x / theta)
-        out = torch.empty_like(xs)
+        out = []
         u = None  # one multi-step call covers steps 1..T from a reset state, like every stateful module
         for t in range(xs.shape[0]):
-            u, out[t] = self._integrate(u, xs[t])
+            u, k = self._integrate(u, xs[t])
+            out.append(k)
         self.u = u
-        return self.fold(out.mul_(theta))
+        return self.fold(torch.stack(out) * theta)
 
     def extra_repr(self) -> str:
         return f"levels={self.levels()}, v_init={self.v_init}, {super().extra_repr()}"
@@ -101,6 +117,10 @@ class IFNeuron(BaseNeuron):
 
     def fire(self, u: torch.Tensor) -> torch.Tensor:
         return torch.clamp(torch.floor(u), -self.num_levels if self.signed else 0, self.num_levels)
+
+    def jumps(self) -> List[Tuple[float, float]]:
+        """floor steps up by one at every integer from the lowest level + 1 to L."""
+        return [(float(k + 1), 1.0) for k in self.levels()[:-1]]
 
 
 class SignedIFNeuron(IFNeuron):
@@ -136,6 +156,11 @@ class MultiThresholdNeuron(BaseNeuron):
         k = torch.where(mag >= 0.5, torch.exp2(j.to(u.dtype)), torch.zeros_like(u))
         return torch.sign(u) * k if self.signed else k
 
+    def jumps(self) -> List[Tuple[float, float]]:
+        """0 -> 1 at 1/2, then 2^(j-1) -> 2^j at 2^j - 1/2 (mirrored below zero when signed)."""
+        pos = [(0.5, 1.0)] + [(2.0 ** j - 0.5, 2.0 ** (j - 1)) for j in range(1, self.num_levels)]
+        return ([(-p, h) for p, h in reversed(pos)] if self.signed else []) + pos
+
 
 class TernaryNeuron(BaseNeuron):
     """A2OS2A's ternary neuron: u <- 0.25 u + x / theta; k = sign(u) where |u| >= 1/2; hard reset."""
@@ -153,6 +178,32 @@ class TernaryNeuron(BaseNeuron):
 
     def fire(self, u: torch.Tensor) -> torch.Tensor:
         return torch.where(u.abs() >= 0.5, torch.sign(u), torch.zeros_like(u))
+
+    def jumps(self) -> List[Tuple[float, float]]:
+        return [(-0.5, 1.0), (0.5, 1.0)]
+
+
+class Surrogate:
+    """The stand-in g(u) whose gradient replaces the staircase's, built from its (position, height) steps.
+
+    ``ste``: g = clamp(u, first - h_first, last + h_last) (straight-through inside the neuron's range);
+    ``sigmoid``: g = sum_j h_j sigmoid(alpha (u - c_j)), a smoothed staircase.
+    """
+
+    KINDS = ("ste", "sigmoid")
+
+    def __init__(self, kind: str = "ste", alpha: float = 4.0) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown surrogate {kind!r}: use one of {', '.join(self.KINDS)}")
+        if not alpha > 0:
+            raise ValueError(f"surrogate alpha must be positive, got {alpha}")
+        self.kind, self.alpha = kind, float(alpha)
+
+    def __call__(self, u: torch.Tensor, jumps: List[Tuple[float, float]]) -> torch.Tensor:
+        if self.kind == "ste":
+            (first, h_first), (last, h_last) = jumps[0], jumps[-1]
+            return torch.clamp(u, first - h_first, last + h_last)
+        return sum(h * torch.sigmoid(self.alpha * (u - c)) for c, h in jumps)
 
 
 NEURONS = {

@@ -28,11 +28,18 @@ CONFIGS = {
 }
 
 
+def _plain(kwargs: dict) -> bool:
+    return all(isinstance(v, (bool, int, float, str)) for v in kwargs.values())
+
+
 def build(name: str, seed: int = 0, fused: bool = True) -> nn.Module:
+    """A tiny random ViT; built by name through timm (so checkpoints can rebuild it) where its options allow."""
     torch.manual_seed(seed)
     if name == "distilled":
         from timm.models.deit import VisionTransformerDistilled
         model = VisionTransformerDistilled(**BASE)
+    elif _plain(CONFIGS[name]):
+        model = models.create_ann("vit_tiny_patch16_224", pretrained=False, **BASE, **CONFIGS[name])
     else:
         model = VisionTransformer(**{**BASE, **CONFIGS[name]})
     # larger-than-init weights so activations are spread like a trained model's

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from convert import load
 from convert.cli import main
 from convert.config import GROUPS, compose_config, group_choices
 from models import data as data_mod
@@ -162,6 +163,10 @@ def run_cli(*args, cwd=None):
     (["timesteps=0"], "timesteps must be a positive integer"),
     (["sweep.variants=null"], "the sweep is empty"),
     (["sweep=neurons", "sweep.variants.signed_if_L1.neuron=lif"], "unknown neuron 'lif'"),
+    (["finetune=bptt", "finetune.lr=0"], "finetune lr must be a positive number"),
+    (["finetune.epochs=-1"], "finetune epochs must be a non-negative integer"),
+    (["finetune=bptt", "finetune.surrogate=tanh"], "unknown surrogate 'tanh'"),
+    (["finetune=sgd"], "Could not find 'finetune/sgd'"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path):
     out = tmp_path / "run"
@@ -224,3 +229,24 @@ def test_cli_load_with_checkpoint_and_unwritable_out(tmp_path):
     assert res.returncode == 2 and "is not a folder" in res.stderr
     res = run_cli("--load", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and "none.safetensors does not exist" in res.stderr
+
+
+def test_cli_finetunes_and_resumes(tmp_path):
+    common = ["--timesteps", "2", "data.eval_images=32", "calibration.num_images=32", "data.download=false",
+              "progress=false", "sweep.energy_images=4", "finetune=bptt", "finetune.images=48",
+              "finetune.batch_size=16", "finetune.epochs=2"]
+    out = tmp_path / "run"
+    assert main([*common, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())["variants"]["default"]
+    assert report["finetune"]["steps"] == 6 and report["finetune"]["complete"]
+    assert (out / "finetune.safetensors").is_file()
+    part = tmp_path / "part"
+    assert main([*common, "--out", str(part), "finetune.max_steps=4"]) == 0
+    assert json.loads((part / "report.json").read_text())["variants"]["default"]["finetune"]["steps"] == 4
+    rest = tmp_path / "rest"
+    assert main([*common, "--out", str(rest), f"finetune.resume={part / 'finetune.safetensors'}"]) == 0
+    full, resumed = load(out / "snn.safetensors"), load(rest / "snn.safetensors")
+    for k, v in full.net.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k
+    res = run_cli(*common, "--out", str(tmp_path / "x"), "neuron=if", f"finetune.resume={part / 'finetune.safetensors'}")
+    assert res.returncode == 2 and "another conversion" in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -1,0 +1,369 @@
+"""``finetune``: train the converted network over T timesteps (backpropagation through time).
+
+The loss is taken on the mean output over T steps, run in multi-step mode:
+
+    logits = (1/T) sum_t net(x)(t)
+    loss = (1 - distill) CE(logits, y) + distill tau^2 KL(softmax(ann / tau) || softmax(logits / tau))
+
+Spike functions get surrogate gradients (models.neurons.Surrogate), thresholds and
+(optionally) weights are trained with AdamW, learning rate lr * warm-up * cosine:
+
+    f(s) = s / w for s < w,  else 0.5 (1 + cos(pi (s - w) / (S - w)))     (S steps, w warm-up steps)
+
+The teacher ``ann`` is the network as converted, in analog mode (exactly the ANN).
+Data order is a permutation seeded by (seed, epoch), so a run resumed from a checkpoint
+written at step s takes the same batches, learning rates and optimiser state as an
+uninterrupted one and ends with the same weights.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from tqdm.auto import tqdm
+
+from calibration import analog_mode
+from convert.checkpoint import load_training_state, save
+from convert.network import SpikingModel, check_images, check_timesteps
+from models.neurons import BaseNeuron, Surrogate
+from models.state import reset_net, set_step_mode
+
+FINETUNE_DEFAULTS: Dict[str, Any] = dict(
+    lr=1e-4, threshold_lr=None, weight_decay=0.01, warmup=0.05, batch_size=64, timesteps=None, images=None,
+    surrogate="ste", alpha=4.0, thresholds=True, weights=True, distill=0.0, temperature=1.0,
+    grad_checkpoint=False, checkpoint_every=0, checkpoint_path=None, resume=None, max_steps=None, seed=0,
+    progress=True)
+# options that change the trained result: a resumed run must use the same ones
+RESULT_OPTIONS = ("lr", "threshold_lr", "weight_decay", "warmup", "batch_size", "timesteps", "images", "surrogate",
+                  "alpha", "thresholds", "weights", "distill", "temperature", "seed")
+
+
+def check_finetune_options(epochs: Any, options: Dict[str, Any]) -> Dict[str, Any]:
+    unknown = sorted(set(options) - set(FINETUNE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown finetune option(s) {', '.join(unknown)}: valid options are "
+                         f"{', '.join(FINETUNE_DEFAULTS)}")
+    o = {**FINETUNE_DEFAULTS, **options}
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"finetune epochs must be a non-negative integer, got {epochs!r}")
+    for key in ("lr", "threshold_lr"):
+        if o[key] is not None and not (isinstance(o[key], (int, float)) and o[key] > 0):
+            raise ValueError(f"finetune {key} must be a positive number, got {o[key]!r}")
+    if o["threshold_lr"] is None:
+        o["threshold_lr"] = o["lr"]
+    if not o["weight_decay"] >= 0:
+        raise ValueError(f"finetune weight_decay must be >= 0, got {o['weight_decay']!r}")
+    if not 0 <= o["warmup"] < 1:
+        raise ValueError(f"finetune warmup is a fraction of all steps in [0, 1), got {o['warmup']!r}")
+    for key in ("batch_size", "images", "max_steps", "timesteps"):
+        v = o[key]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"finetune {key} must be a positive integer{'' if key == 'batch_size' else ' or None'}, "
+                             f"got {v!r}")
+    if not 0 <= o["distill"] <= 1:
+        raise ValueError(f"finetune distill is the distillation weight in [0, 1], got {o['distill']!r}")
+    if not o["temperature"] > 0:
+        raise ValueError(f"finetune temperature must be positive, got {o['temperature']!r}")
+    if not (o["thresholds"] or o["weights"]):
+        raise ValueError("finetune has nothing to train: set thresholds=True and/or weights=True")
+    if isinstance(o["checkpoint_every"], bool) or not isinstance(o["checkpoint_every"], int) or o["checkpoint_every"] < 0:
+        raise ValueError(f"finetune checkpoint_every must be a non-negative integer, got {o['checkpoint_every']!r}")
+    if o["checkpoint_every"] and not o["checkpoint_path"]:
+        raise ValueError("finetune checkpoint_every needs checkpoint_path (where to write the checkpoints)")
+    Surrogate(o["surrogate"], o["alpha"])  # validates both
+    return o
+
+
+class TimeAveraged(nn.Module):
+    """The training objective's forward: the mean output of ``net`` over T steps in multi-step mode.
+
+    A plain module, so it can be wrapped in DistributedDataParallel."""
+
+    def __init__(self, net: nn.Module, timesteps: int, grad_checkpoint: bool = False) -> None:
+        super().__init__()
+        self.net, self.timesteps, self.grad_checkpoint = net, timesteps, grad_checkpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = self.timesteps
+        set_step_mode(self.net, "m", T)
+        try:
+            with _checkpointed_blocks(self.net, self.grad_checkpoint):
+                out = self.net(x.repeat(T, *([1] * (x.dim() - 1))))
+        finally:
+            reset_net(self.net)
+        return out.reshape(T, x.shape[0], *out.shape[1:]).mean(0)
+
+
+@contextmanager
+def _checkpointed_blocks(net: nn.Module, enabled: bool):
+    """Recompute each transformer block in the backward pass instead of storing its T x batch activations.
+
+    Valid in multi-step mode only, where a call covers all steps from a reset state (no carried state)."""
+    blocks = list(getattr(net, "blocks", [])) if enabled else []
+    for block in blocks:
+        block.forward = (lambda fwd: lambda *a, **k: checkpoint(fwd, *a, use_reentrant=False, **k))(block.forward)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> SpikingModel:
+    """Fine-tune ``snn`` in place over T steps (``timesteps`` option, default ``snn.timesteps``) and return it.
+
+    ``train_data``: a Dataset of (image, label), a pair of tensors (images, labels), or a sized iterable
+    of (images, labels) batches (used in its own order; resume then skips batches). Options: see
+    FINETUNE_DEFAULTS and conf/finetune/. ``snn.finetune_report`` records losses, accuracy and time."""
+    if not isinstance(snn, SpikingModel):
+        raise ValueError(f"finetune expects a SpikingModel from convert(), got {type(snn).__name__}")
+    o = check_finetune_options(epochs, options)
+    if epochs == 0:
+        return snn
+    T = check_timesteps(o["timesteps"] or snn.timesteps)
+    device = next(snn.net.parameters()).device
+    batches = _Batches(train_data, o, need_labels=o["distill"] < 1)
+    total = epochs * len(batches)
+    teacher = _teacher(snn) if o["distill"] > 0 else None
+
+    resume_meta, resume_tensors = {"epoch": 0, "batch": 0, "step": 0, "history": []}, {}
+    if o["resume"]:
+        resume_tensors, resume_meta = load_training_state(o["resume"], snn)
+        if {k: resume_meta["options"].get(k) for k in RESULT_OPTIONS} != {k: o[k] for k in RESULT_OPTIONS} \
+                or resume_meta["epochs"] != epochs:
+            raise ValueError(f"cannot resume from {o['resume']}: it was written with other fine-tuning options "
+                             f"(epochs {resume_meta['epochs']}, {_result_options(resume_meta['options'])}); "
+                             f"use the same ones to continue it")
+    neurons = [m for m in snn.net.modules() if isinstance(m, BaseNeuron)]
+    flags = {p: p.requires_grad for p in snn.net.parameters()}
+    thresholds = [n.threshold for n in neurons]
+    threshold_ids = {id(p) for p in thresholds}
+    weights = [p for p in snn.net.parameters() if id(p) not in threshold_ids]
+    for p in thresholds:
+        p.requires_grad_(o["thresholds"])
+    for p in weights:
+        p.requires_grad_(o["weights"])
+    groups = ([{"params": weights, "lr": o["lr"], "weight_decay": o["weight_decay"]}] if o["weights"] else []) + \
+             ([{"params": thresholds, "lr": o["threshold_lr"], "weight_decay": 0.0}] if o["thresholds"] else [])
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    optimizer = torch.optim.AdamW(groups)
+    if resume_tensors:
+        _load_optimizer(optimizer, resume_tensors)
+        torch.set_rng_state(resume_tensors["rng"])
+        if "cuda_rng" in resume_tensors and device.type == "cuda":
+            torch.cuda.set_rng_state(resume_tensors["cuda_rng"], device)
+    else:
+        torch.manual_seed(o["seed"])
+    objective = TimeAveraged(snn.net, T, o["grad_checkpoint"])
+    surrogate = Surrogate(o["surrogate"], o["alpha"])
+    step, history = resume_meta["step"], list(resume_meta["history"])
+    elapsed = resume_meta.get("seconds", 0.0)
+    start = time.time()
+    snn.net.train()
+    for n in neurons:
+        n.surrogate = surrogate
+    try:
+        for epoch in range(resume_meta["epoch"], epochs):
+            skip = resume_meta["batch"] if epoch == resume_meta["epoch"] else 0
+            stats = history[epoch] if skip and epoch < len(history) else {"loss": 0.0, "correct": 0, "images": 0}
+            history = history[:epoch] + [stats]
+            bar = tqdm(batches.epoch(epoch, skip), total=len(batches), initial=skip, disable=not o["progress"],
+                       desc=f"fine-tuning T={T} epoch {epoch + 1}/{epochs}", unit="batch", leave=False)
+            for b, (images, labels) in enumerate(bar, start=skip):
+                loss, correct = _train_step(snn, objective, optimizer, thresholds, teacher, images, labels, device,
+                                            o, _schedule(step, total, o["warmup"]))
+                step += 1
+                stats["loss"] += loss * len(images)
+                stats["images"] += len(images)
+                stats["correct"] += correct
+                bar.set_postfix(loss=f"{stats['loss'] / stats['images']:.4f}",
+                                acc=f"{100 * stats['correct'] / stats['images']:.1f}%")
+                position = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
+                if o["checkpoint_path"] and (step == total or step == o["max_steps"]
+                                             or (o["checkpoint_every"] and step % o["checkpoint_every"] == 0)):
+                    report = _report(o, epochs, step, total, history, T, elapsed + time.time() - start)
+                    _write_checkpoint(snn, optimizer, o, epochs, step, position, history, report)
+                if step == o["max_steps"]:
+                    break
+            if step == o["max_steps"]:
+                break
+    finally:
+        for n in neurons:
+            n.surrogate = None
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        snn.net.eval()
+        reset_net(snn.net)
+        set_step_mode(snn.net, snn.step_mode)
+    snn.finetune_report = _report(o, epochs, step, total, history, T, elapsed + time.time() - start)
+    return snn
+
+
+def _train_step(snn, objective, optimizer, thresholds, teacher, images, labels, device, o,
+                factor: float) -> Tuple[float, int]:
+    """One optimiser step; returns the batch loss and the number of correct predictions."""
+    check_images(snn.net, images)
+    images = images.to(device, non_blocking=True)
+    if labels is not None:
+        labels = _checked_labels(labels, images, snn).to(device, non_blocking=True)
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * factor
+    logits = objective(images)
+    loss = _loss(logits, labels, teacher, images, o)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the fine-tuning loss became {float(loss.detach())}: lower finetune lr (now {o['lr']})")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        for p in thresholds:
+            p.clamp_(min=1e-6)
+    correct = 0 if labels is None else int((logits.argmax(-1) == labels).sum())
+    return float(loss.detach()), correct
+
+
+def _schedule(step: int, total: int, warmup: float) -> float:
+    w = int(warmup * total)
+    if step < w:
+        return (step + 1) / w
+    return 0.5 * (1.0 + math.cos(math.pi * (step - w) / max(1, total - w)))
+
+
+def _loss(logits, labels, teacher, images, o) -> torch.Tensor:
+    loss = logits.new_zeros(())
+    if o["distill"] < 1:
+        loss = loss + (1 - o["distill"]) * F.cross_entropy(logits, labels)
+    if o["distill"] > 0:
+        tau = o["temperature"]
+        with torch.no_grad(), analog_mode(teacher):
+            target = F.softmax(teacher(images) / tau, -1)
+        loss = loss + o["distill"] * tau * tau * F.kl_div(F.log_softmax(logits / tau, -1), target,
+                                                          reduction="batchmean")
+    return loss
+
+
+def _teacher(snn: SpikingModel) -> nn.Module:
+    teacher = copy.deepcopy(snn.net).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _checked_labels(labels, images: torch.Tensor, snn: SpikingModel) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != images.shape[0] \
+            or labels.is_floating_point():
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an integer tensor [batch] matching {images.shape[0]} images, got {shape}")
+    classes = snn.net.num_classes
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise ValueError(f"labels must be class indices in 0..{classes - 1}, got values {int(labels.min())}.."
+                         f"{int(labels.max())}")
+    return labels
+
+
+class _Batches:
+    """The training data as (images, labels) batches per epoch, in a seeded order that resume can skip into."""
+
+    def __init__(self, data, o: Dict[str, Any], need_labels: bool) -> None:
+        self.batch_size, self.seed, self.images = o["batch_size"], o["seed"], o["images"]
+        if isinstance(data, torch.Tensor):
+            if need_labels:
+                raise ValueError("the training data holds images but no labels: give (images, labels), a labelled "
+                                 "dataset, or set finetune distill=1 to learn from the ANN's outputs alone")
+            data = TensorDataset(data)
+        elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+            if len(data[0]) != len(data[1]):
+                raise ValueError(f"{len(data[0])} images but {len(data[1])} labels in the training data")
+            data = TensorDataset(*data)
+        self.dataset = data if isinstance(data, Dataset) and hasattr(data, "__len__") \
+            and not isinstance(data, torch.utils.data.IterableDataset) else None
+        self.loader = None if self.dataset is not None else data
+        if self.loader is not None and not hasattr(self.loader, "__len__"):
+            raise ValueError("the training data must be a Dataset or a sized iterable of (images, labels) batches "
+                             "(the cosine schedule needs the number of batches)")
+        self.need_labels = need_labels
+        if len(self) == 0:
+            raise ValueError("the training data holds no images")
+
+    def _size(self) -> int:
+        n = len(self.dataset)
+        return n if self.images is None else min(n, self.images)
+
+    def __len__(self) -> int:
+        if self.dataset is None:
+            return len(self.loader)
+        return math.ceil(self._size() / self.batch_size)
+
+    def epoch(self, epoch: int, skip: int) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        if self.dataset is None:
+            batches = iter(self.loader)
+            for _ in range(skip):
+                next(batches)
+        else:
+            gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            order = torch.randperm(len(self.dataset), generator=gen)[:self._size()]
+            batches = DataLoader(Subset(self.dataset, order[skip * self.batch_size:].tolist()),
+                                 batch_size=self.batch_size, pin_memory=torch.cuda.is_available())
+        for batch in batches:
+            yield self._split(batch)
+
+    def _split(self, batch):
+        if isinstance(batch, torch.Tensor):
+            images, labels = batch, None
+        elif isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+            images, labels = batch[0], (batch[1] if len(batch) == 2 else None)
+        else:
+            raise ValueError(f"a training batch must be (images, labels), got {type(batch).__name__}"
+                             f"{f' of {len(batch)} items' if isinstance(batch, (tuple, list)) else ''}")
+        if labels is None and self.need_labels:
+            raise ValueError("the training data holds images but no labels: give (images, labels) batches, or set "
+                             "finetune distill=1 to learn from the ANN's outputs alone")
+        return images, labels
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: Dict[str, torch.Tensor]) -> None:
+    state = optimizer.state_dict()
+    per_param: Dict[int, Dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, index, name = key.split("/")
+            per_param.setdefault(int(index), {})[name] = value
+    state["state"] = per_param
+    optimizer.load_state_dict(state)
+
+
+def _write_checkpoint(snn, optimizer, o, epochs, step, position, history, report) -> None:
+    """The SNN (loadable with ``load``) plus what resuming needs: optimiser state, RNG state, position."""
+    tensors = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and next(snn.net.parameters()).is_cuda:
+        tensors["cuda_rng"] = torch.cuda.get_rng_state()
+    for index, param_state in optimizer.state_dict()["state"].items():
+        for name, value in param_state.items():
+            tensors[f"optim/{index}/{name}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+    meta = {"epoch": position[0], "batch": position[1], "step": step, "epochs": epochs,
+            "history": history, "seconds": report["seconds"], "options": {k: o[k] for k in RESULT_OPTIONS}}
+    snn.finetune_report = report
+    was_training = snn.net.training
+    save(snn, Path(o["checkpoint_path"]), training_state=(tensors, meta))
+    snn.net.train(was_training)
+
+
+def _result_options(options: Dict[str, Any]) -> str:
+    return ", ".join(f"{k}={options.get(k)}" for k in RESULT_OPTIONS)
+
+
+def _report(o, epochs, step, total, history, T, seconds) -> Dict[str, Any]:
+    return {"epochs": epochs, "steps": step, "complete": step == total, "timesteps": T, "seconds": seconds,
+            "loss": [h["loss"] / max(1, h["images"]) for h in history],
+            "train_top1": [100.0 * h["correct"] / max(1, h["images"]) for h in history],
+            "options": {k: o[k] for k in RESULT_OPTIONS}}

@@ -1,0 +1,316 @@
+"""Fine-tuning over T: gradients, learning, exact resume, checkpoints, and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from convert import convert, finetune, load, save
+from convert.finetune import TimeAveraged
+from models.neurons import BaseNeuron, Surrogate
+from models.state import reset_net, run_steps
+from tests.conftest import build
+
+NEURON_SETTINGS = [dict(neuron="signed_if"), dict(neuron="signed_if", levels=3), dict(neuron="if"),
+                   dict(neuron="multi_threshold", levels=4), dict(neuron="ternary")]
+
+
+def _data(n=48, seed=3):
+    torch.manual_seed(seed)
+    return torch.randn(n, 3, 16, 16), torch.randint(0, 7, (n,))
+
+
+def _snn(config="cls_token", T=2, **options):
+    x, _ = _data()
+    return convert(build(config), x, timesteps=T, progress=False, **options)
+
+
+def _state(snn):
+    return {k: v.clone() for k, v in snn.net.state_dict().items()}
+
+
+def _set_surrogate(net, surrogate):
+    for m in net.modules():
+        if isinstance(m, BaseNeuron):
+            m.surrogate = surrogate
+
+
+@pytest.mark.parametrize("surrogate", Surrogate.KINDS)
+@pytest.mark.parametrize("options", NEURON_SETTINGS, ids=lambda o: "-".join(map(str, o.values())))
+def test_gradients_reach_thresholds_and_weights(options, surrogate):
+    snn = _snn(**options)
+    x, y = _data(8)
+    params = list(snn.net.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    _set_surrogate(snn.net, Surrogate(surrogate))
+    torch.nn.functional.cross_entropy(TimeAveraged(snn.net, 3)(x), y).backward()
+    neurons = [m for m in snn.net.modules() if isinstance(m, BaseNeuron)]
+    with_grad = [n for n in neurons if n.threshold.grad is not None and n.threshold.grad.abs().sum() > 0]
+    assert all(n.threshold.grad is None or n.threshold.grad.isfinite().all() for n in neurons)
+    assert len(with_grad) >= 0.8 * len(neurons), f"{len(with_grad)}/{len(neurons)} thresholds got a gradient"
+    for name in ("blocks.0.attn.qkv.layer.weight", "blocks.0.mlp.fc1.layer.weight", "blocks.1.mlp.fc2.layer.weight",
+                 "patch_embed.proj.weight", "head.layer.weight"):
+        grad = snn.net.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("surrogate", Surrogate.KINDS)
+@pytest.mark.parametrize("options", NEURON_SETTINGS, ids=lambda o: "-".join(map(str, o.values())))
+def test_surrogate_leaves_the_forward_values_unchanged(options, surrogate):
+    snn = _snn(**options)
+    x, _ = _data(4)
+    with torch.no_grad():
+        plain = run_steps(snn.net, x, 3, "m")
+    _set_surrogate(snn.net, Surrogate(surrogate))
+    for p in snn.net.parameters():
+        p.requires_grad_(True)
+    with torch.enable_grad():
+        trained = run_steps(snn.net, x, 3, "m")
+    assert torch.equal(plain, trained.detach())
+
+
+def test_multi_step_neuron_matches_step_mode_under_gradients():
+    snn = _snn(neuron="signed_if", levels=2)
+    x, _ = _data(4)
+    _set_surrogate(snn.net, Surrogate("sigmoid"))
+    for p in snn.net.parameters():
+        p.requires_grad_(True)
+    step = run_steps(snn.net, x, 3, "s").sum()
+    multi = run_steps(snn.net, x, 3, "m").sum()
+    g_step = torch.autograd.grad(step, list(snn.net.parameters()), allow_unused=True)
+    g_multi = torch.autograd.grad(multi, list(snn.net.parameters()), allow_unused=True)
+    for a, b in zip(g_step, g_multi):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", ["cls_token", "avg_pool_no_cls", "qk_norm", "layer_scale", "distilled", "relu_mlp"])
+def test_loss_falls_over_a_few_steps(config):
+    x, _ = _data(32)
+    with torch.no_grad():
+        y = build(config)(x).argmax(-1)  # the ANN's own predictions: a target the SNN can reach
+    snn = _snn(config, T=2)
+
+    def loss():
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(TimeAveraged(snn.net, 2)(x), y))
+
+    before = loss()
+    finetune(snn, (x, y), epochs=25, batch_size=32, lr=1e-3, warmup=0.0, progress=False)
+    assert loss() < 0.8 * before, (before, loss(), snn.finetune_report["loss"])
+
+
+def test_finetuning_changes_the_snn_and_restores_its_modes():
+    snn = _snn(step_mode="s")
+    before = _state(snn)
+    flags = {n: p.requires_grad for n, p in snn.net.named_parameters()}
+    finetune(snn, _data(32), epochs=1, batch_size=16, progress=False)
+    after = _state(snn)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("threshold"))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    assert flags == {n: p.requires_grad for n, p in snn.net.named_parameters()}
+    assert not snn.net.training
+    assert all(m.surrogate is None and m.step_mode == "s" and m.u is None
+               for m in snn.net.modules() if isinstance(m, BaseNeuron))
+
+
+def test_thresholds_only_keeps_weights():
+    snn = _snn()
+    before = _state(snn)
+    finetune(snn, _data(32), epochs=1, batch_size=16, weights=False, progress=False)
+    after = _state(snn)
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith("threshold"))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("threshold"))
+
+
+def test_zero_epochs_leave_the_snn_unchanged():
+    snn = _snn()
+    before = _state(snn)
+    assert finetune(snn, _data(), epochs=0) is snn
+    assert all(torch.equal(before[k], v) for k, v in snn.net.state_dict().items())
+    assert snn.finetune_report is None
+
+
+def test_grad_checkpoint_gives_the_same_result():
+    a, b = _snn(), _snn()
+    finetune(a, _data(32), epochs=1, batch_size=16, progress=False)
+    finetune(b, _data(32), epochs=1, batch_size=16, grad_checkpoint=True, progress=False)
+    for k, v in a.net.state_dict().items():
+        torch.testing.assert_close(v, b.net.state_dict()[k], rtol=1e-5, atol=1e-6)
+
+
+def test_distillation_alone_needs_no_labels_and_moves_toward_the_ann():
+    snn = _snn(T=1)
+    images, _ = _data(32)
+    finetune(snn, images, epochs=4, batch_size=16, distill=1.0, lr=1e-3, warmup=0.0, progress=False)
+    loss = snn.finetune_report["loss"]
+    assert loss[-1] < loss[0]
+
+
+def test_smaller_training_T_than_evaluation_T():
+    snn = _snn(T=8)
+    finetune(snn, _data(16), epochs=1, batch_size=16, timesteps=2, progress=False)
+    assert snn.finetune_report["timesteps"] == 2 and snn.timesteps == 8
+    assert snn.simulate(_data(2)[0]).shape[0] == 8
+
+
+class Interrupted(Exception):
+    pass
+
+
+class Batches:
+    """A sized iterable of (images, labels) batches that can fail at one batch, like a killed job."""
+
+    def __init__(self, data, batch_size, fail_at=None):
+        self.x, self.y = data
+        self.batch_size, self.fail_at = batch_size, fail_at
+
+    def __len__(self):
+        return (len(self.x) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        for i in range(len(self)):
+            if i == self.fail_at:
+                raise Interrupted()
+            yield self.x[i * self.batch_size:(i + 1) * self.batch_size], self.y[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+class FailingDataset(Dataset):
+    def __init__(self, data, fail_after=None):
+        self.x, self.y = data
+        self.fail_after, self.calls = fail_after, 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise Interrupted()
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("kind", ["dataset", "batches"])
+@pytest.mark.parametrize("distill", [0.0, 0.5])
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, kind, distill):
+    data = _data(40)
+    common = dict(epochs=3, batch_size=8, lr=1e-3, distill=distill, progress=False)
+    full = _snn()
+    finetune(full, FailingDataset(data) if kind == "dataset" else Batches(data, 8), **common)
+
+    killed = _snn()
+    ckpt = tmp_path / "ft.safetensors"
+    broken = FailingDataset(data, fail_after=8 * 7 + 3) if kind == "dataset" else Batches(data, 8, fail_at=2)
+    with pytest.raises(Interrupted):
+        # the dataset dies in batch 3 of epoch 2 (checkpoint: step 6); the batches in batch 3 of epoch 1 (step 2)
+        finetune(killed, broken, checkpoint_every=2, checkpoint_path=ckpt, **common)
+    assert ckpt.is_file() and not list(tmp_path.glob(".*tmp"))
+
+    resumed = _snn()
+    finetune(resumed, FailingDataset(data) if kind == "dataset" else Batches(data, 8), resume=ckpt, **common)
+    for k, v in full.net.state_dict().items():
+        assert torch.equal(v, resumed.net.state_dict()[k]), k
+    assert resumed.finetune_report["loss"] == pytest.approx(full.finetune_report["loss"], rel=1e-6)
+
+
+def test_max_steps_then_resume_equals_one_run(tmp_path):
+    data = _data(32)
+    full = _snn()
+    finetune(full, data, epochs=2, batch_size=8, progress=False)
+    part = _snn()
+    ckpt = tmp_path / "ft.safetensors"
+    finetune(part, data, epochs=2, batch_size=8, max_steps=5, checkpoint_path=ckpt, progress=False)
+    assert part.finetune_report["steps"] == 5 and not part.finetune_report["complete"]
+    rest = _snn()
+    finetune(rest, data, epochs=2, batch_size=8, resume=ckpt, checkpoint_path=ckpt, progress=False)
+    assert rest.finetune_report["complete"]
+    for k, v in full.net.state_dict().items():
+        assert torch.equal(v, rest.net.state_dict()[k]), k
+
+
+def test_finetuned_checkpoint_loads_and_evaluates(tmp_path):
+    snn = _snn(T=3)
+    ckpt = tmp_path / "ft.safetensors"
+    finetune(snn, _data(16), epochs=1, batch_size=8, checkpoint_path=ckpt, progress=False)
+    for path in (ckpt, save(snn, tmp_path / "final.safetensors")):
+        back = load(path)
+        x = _data(4)[0]
+        assert torch.equal(back.simulate(x), snn.simulate(x))
+        assert back.finetune_report["steps"] == 2
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+
+def test_labels_missing():
+    with pytest.raises(ValueError, match="no labels"):
+        finetune(_snn(), _data()[0], epochs=1, progress=False)
+    with pytest.raises(ValueError, match="no labels"):
+        finetune(_snn(), [(_data()[0],)], epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("batch, message", [
+    ((torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)), "pixels"),
+    ((torch.randn(4, 1, 16, 16), torch.zeros(4, dtype=torch.long)), "channels"),
+    ((torch.randn(4, 16, 16), torch.zeros(4, dtype=torch.long)), r"\[batch, channels"),
+    ((torch.randn(4, 3, 16, 16), torch.zeros(3, dtype=torch.long)), "labels must be an integer tensor"),
+    ((torch.randn(4, 3, 16, 16), torch.zeros(4)), "labels must be an integer tensor"),
+    ((torch.randn(4, 3, 16, 16), torch.full((4,), 9)), "class indices in 0..6"),
+    ((torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long), 1), "must be \\(images, labels\\)"),
+])
+def test_loader_with_wrong_shapes(batch, message):
+    snn = _snn()
+    before = _state(snn)
+    with pytest.raises(ValueError, match=message):
+        finetune(snn, [batch], epochs=1, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in snn.net.state_dict().items())
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(lr=0), "lr must be a positive"), (dict(lr=-1e-3), "lr must be a positive"),
+    (dict(threshold_lr=0.0), "threshold_lr must be a positive"), (dict(warmup=1.0), "warmup"),
+    (dict(batch_size=0), "batch_size"), (dict(distill=1.5), "distill"), (dict(surrogate="tanh"), "surrogate"),
+    (dict(alpha=0), "alpha"), (dict(thresholds=False, weights=False), "nothing to train"),
+    (dict(checkpoint_every=5), "checkpoint_path"), (dict(timesteps=0), "timesteps"),
+    (dict(learning_rate=1e-3), "unknown finetune option"), (dict(epochs_=1), "unknown finetune option"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        finetune(_snn(), _data(), epochs=1, progress=False, **options)
+
+
+@pytest.mark.parametrize("epochs", [-1, 1.5, True])
+def test_bad_epochs(epochs):
+    with pytest.raises(ValueError, match="epochs"):
+        finetune(_snn(), _data(), epochs=epochs)
+
+
+def test_resume_from_another_model(tmp_path):
+    ckpt = tmp_path / "ft.safetensors"
+    finetune(_snn("cls_token"), _data(16), epochs=1, batch_size=8, checkpoint_path=ckpt, progress=False)
+    for other in (_snn("qk_norm"), _snn("cls_token", neuron="if")):
+        before = _state(other)
+        with pytest.raises(ValueError, match="another conversion"):
+            finetune(other, _data(16), epochs=1, batch_size=8, resume=ckpt, progress=False)
+        assert all(torch.equal(before[k], v) for k, v in other.net.state_dict().items())
+    with pytest.raises(ValueError, match="other fine-tuning options"):
+        finetune(_snn("cls_token"), _data(16), epochs=1, batch_size=8, lr=1e-2, resume=ckpt, progress=False)
+    plain = save(_snn("cls_token"), tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="no fine-tuning state"):
+        finetune(_snn("cls_token"), _data(16), epochs=1, batch_size=8, resume=plain, progress=False)
+    with pytest.raises(FileNotFoundError):
+        finetune(_snn("cls_token"), _data(16), epochs=1, resume=tmp_path / "missing.safetensors", progress=False)
+
+
+def test_not_a_spiking_model():
+    with pytest.raises(ValueError, match="SpikingModel"):
+        finetune(build("cls_token"), _data(), epochs=1)
+
+
+def test_diverging_loss_is_named():
+    snn = _snn()
+    x, y = _data(16)
+    with pytest.raises(FloatingPointError, match="lower finetune lr"):
+        finetune(snn, (x * 1e30, y), epochs=1, progress=False)
+    reset_net(snn.net)
