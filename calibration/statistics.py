@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from models.attention import BernoulliMask
 from models.neurons import BaseNeuron
 from models.state import reset_net, set_step_mode
 
@@ -119,16 +120,18 @@ def iter_images(data, batch_size: int = 64) -> Iterator[torch.Tensor]:
 
 @contextmanager
 def analog_mode(net: nn.Module):
-    """Neurons become the identity and every module runs one step per call: ``net`` computes the ANN."""
+    """Neurons (and random attention masks) become the identity and every module runs one step per call:
+    ``net`` computes the ANN (for ssa / a2os2a: the ANN of that attention, without softmax)."""
     neurons = [m for m in net.modules() if isinstance(m, BaseNeuron)]
+    switched = neurons + [m for m in net.modules() if isinstance(m, BernoulliMask)]
     reset_net(net)
     set_step_mode(net, "s")
-    for n in neurons:
+    for n in switched:
         n.analog = True
     try:
         yield neurons
     finally:
-        for n in neurons:
+        for n in switched:
             n.analog = False
         reset_net(net)
 

@@ -14,13 +14,14 @@ from convert.rewrite import rewrite
 from models.neurons import NEURONS, create_neuron
 from models.zoo import architecture_of
 
-ATTENTION_VARIANTS = ("ecm",)
-RESIDUAL_STYLES = ("membrane",)
+ATTENTION_VARIANTS = ("ecm", "psa", "ssa", "a2os2a")
+RESIDUAL_STYLES = ("membrane", "spike_driven")
+FIXED_ALPHABET = ("ssa", "a2os2a")  # attention variants whose Q, K, V neurons are the papers' own
 
 # The defaults: the best training-free settings measured on vit_fmnist (BENCHMARKS.md).
 DEFAULTS: Dict[str, Any] = dict(neuron="signed_if", levels=1, v_init=None, calibration="percentile",
                                 percentile=99.5, per_channel=True, correction="none", num_images=None, attention="ecm",
-                                residual="membrane", step_mode="s", progress=True)
+                                mask_p=0.0, residual="membrane", step_mode="s", progress=True)
 
 
 def check_options(options: Dict[str, Any]) -> Dict[str, Any]:
@@ -43,11 +44,28 @@ def check_options(options: Dict[str, Any]) -> Dict[str, Any]:
         raise ValueError(f"unknown attention {opts['attention']!r}: available: {', '.join(ATTENTION_VARIANTS)}")
     if opts["residual"] not in RESIDUAL_STYLES:
         raise ValueError(f"unknown residual {opts['residual']!r}: available: {', '.join(RESIDUAL_STYLES)}")
+    _check_variant(opts)
     if opts["step_mode"] not in ("s", "m"):
         raise ValueError(f"unknown step_mode {opts['step_mode']!r}: use 's' (step) or 'm' (multi-step)")
     if opts["num_images"] is not None and (not isinstance(opts["num_images"], int) or opts["num_images"] <= 0):
         raise ValueError(f"num_images must be a positive integer or None, got {opts['num_images']!r}")
     return opts
+
+
+def _check_variant(opts: Dict[str, Any]) -> None:
+    """Attention and residual variants that fix their spike alphabets cannot take every neuron."""
+    p = opts["mask_p"]
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"mask_p is the share of spikes masked out, in [0, 1); got {p!r}")
+    if p > 0 and opts["attention"] != "psa":
+        raise ValueError(f"mask_p={p} applies to attention=psa only (attention is {opts['attention']!r})")
+    for what, fixed in (("attention", opts["attention"] in FIXED_ALPHABET),
+                        ("residual", opts["residual"] == "spike_driven")):
+        if fixed and (opts["levels"] != 1 or opts["neuron"] == "multi_threshold"):
+            alphabet = {"ssa": "binary Q, K, V", "a2os2a": "binary Q and ternary V",
+                        "spike_driven": "binary inputs to every Linear layer"}[opts[what]]
+            raise ValueError(f"{what}={opts[what]} uses {alphabet}: it cannot use neuron={opts['neuron']} with "
+                             f"levels={opts['levels']}; use neuron=signed_if (or if, ternary) with levels=1")
 
 
 def check_finite_weights(model: nn.Module) -> None:
@@ -63,7 +81,8 @@ def build_spiking(ann: nn.Module, timesteps: int, options: Dict[str, Any]) -> Sp
     check_finite_weights(ann)
     net = copy.deepcopy(ann).eval()
     make_neuron = partial(_make_neuron, opts["neuron"], opts["levels"], opts["v_init"])
-    net = rewrite(net, make_neuron)
+    net = rewrite(net, make_neuron, attention=opts["attention"], mask_p=float(opts["mask_p"]),
+                  spike_driven=opts["residual"] == "spike_driven")
     snn = SpikingModel(net, timesteps, opts, step_mode=opts["step_mode"])
     snn.architecture = architecture_of(ann)
     return snn

@@ -48,6 +48,7 @@ class CalibrationConfig:
 @dataclass
 class AttentionConfig:
     name: str = MISSING
+    mask_p: float = MISSING
     residual: str = MISSING
 
 
@@ -151,5 +152,6 @@ def convert_options(cfg: DictConfig) -> Dict[str, Any]:
                 calibration=cfg.calibration.method, percentile=cfg.calibration.percentile,
                 per_channel=cfg.calibration.per_channel, correction=cfg.calibration.correction,
                 num_images=cfg.calibration.num_images,
-                attention=cfg.attention.name, residual=cfg.attention.residual, step_mode=cfg.step_mode,
+                attention=cfg.attention.name, mask_p=cfg.attention.mask_p, residual=cfg.attention.residual,
+                step_mode=cfg.step_mode,
                 progress=cfg.progress)

@@ -19,9 +19,9 @@ import timm.layers.activations_me
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import nn
 
-from models.attention import SpikingAttention
+from models.attention import AdditionOnlyAttention, SpikformerAttention, SpikingAttention
 from models.ecm import ExpectationCompensation
-from models.neurons import BaseNeuron
+from models.neurons import BaseNeuron, IFNeuron
 from models.synapse import SpikingSynapse
 
 
@@ -64,11 +64,17 @@ NONLINEAR_POOLS = ("max", "avgmax")
 
 
 class Rewriter:
-    """Walks a module tree, replacing each module through the registry."""
+    """Walks a module tree, replacing each module through the registry.
 
-    def __init__(self, make_neuron: Callable[[bool], BaseNeuron]) -> None:
+    ``attention``: ecm, psa (with ``mask_p``), ssa or a2os2a; ``spike_driven``: every Linear input is a
+    binary IF neuron (Spikingformer) instead of the configured neuron."""
+
+    def __init__(self, make_neuron: Callable[[bool], BaseNeuron], attention: str = "ecm", mask_p: float = 0.0,
+                 spike_driven: bool = False) -> None:
         self.make_neuron = make_neuron
+        self.attention, self.mask_p, self.spike_driven = attention, mask_p, spike_driven
         self.first_layers: Set[int] = set()
+        self.attention_count = 0
         self.fixed_tokens = True  # False for dynamic image sizes: the token count varies between inputs
 
     def lookup(self, module: nn.Module, path: str) -> Converter:
@@ -94,9 +100,13 @@ class Rewriter:
             setattr(module, name, self.convert(child, f"{path}.{name}" if path else name))
         return module
 
-    def synapse(self, layer: nn.Module, signed: bool = True) -> nn.Module:
+    def input_neuron(self, signed: bool = True) -> BaseNeuron:
+        """The neuron in front of a Linear layer."""
+        return IFNeuron(1) if self.spike_driven else self.make_neuron(signed)
+
+    def synapse(self, layer: nn.Module) -> nn.Module:
         """A linear layer fed through a neuron (the first layer keeps its analog input)."""
-        return layer if id(layer) in self.first_layers else SpikingSynapse(self.make_neuron(signed), layer)
+        return layer if id(layer) in self.first_layers else SpikingSynapse(self.input_neuron(), layer)
 
 
 @register(VisionTransformer)
@@ -141,7 +151,7 @@ def _mlp(rw: Rewriter, mlp: nn.Module, path: str) -> nn.Module:
     """fc1 -> act -> fc2. A ReLU followed directly by fc2 becomes a non-negative IF neuron (ReLU -> IF)."""
     if type(mlp.act) is nn.ReLU and isinstance(mlp.norm, nn.Identity):
         mlp.fc1 = rw.convert(mlp.fc1, f"{path}.fc1")
-        mlp.act = rw.make_neuron(False)
+        mlp.act = rw.input_neuron(False)
         return mlp
     return rw.convert_children(mlp, path)
 
@@ -152,9 +162,16 @@ def _attention(rw: Rewriter, attn: nn.Module, path: str) -> nn.Module:
         raise UnsupportedModuleError(f"unsupported gated attention at {path}: the sigmoid gate is a product "
                                      f"of two analog streams")
     sub = {name: rw.convert(getattr(attn, name), f"{path}.{name}") for name in ("qkv", "q_norm", "k_norm", "norm", "proj")}
-    return SpikingAttention(attn, rw.make_neuron, fixed_tokens=rw.fixed_tokens, **sub)
+    if rw.attention == "ssa":
+        return SpikformerAttention(attn, **sub)
+    if rw.attention == "a2os2a":
+        return AdditionOnlyAttention(attn, **sub)
+    rw.attention_count += 1  # each attention module draws its own masks
+    return SpikingAttention(attn, rw.make_neuron, fixed_tokens=rw.fixed_tokens, mask_p=rw.mask_p,
+                            seed=3 * rw.attention_count, **sub)
 
 
-def rewrite(model: nn.Module, make_neuron: Callable[[bool], BaseNeuron], path: Optional[str] = "") -> nn.Module:
-    """Rewrite ``model`` in place into its spiking counterpart and return it."""
-    return Rewriter(make_neuron).convert(model, path)
+def rewrite(model: nn.Module, make_neuron: Callable[[bool], BaseNeuron], path: Optional[str] = "",
+            **variant) -> nn.Module:
+    """Rewrite ``model`` in place into its spiking counterpart and return it (``variant``: see Rewriter)."""
+    return Rewriter(make_neuron, **variant).convert(model, path)

@@ -61,11 +61,11 @@ def test_bad_checkpoints_name_the_file(tmp_path):
         load(newer)
 
 
-def test_unknown_architecture_cannot_be_saved(tmp_path):
+def test_unknown_architecture_cannot_be_saved(tmp_path):  # built from VisionTransformer(act_layer=nn.ReLU)
     from tests.conftest import build
     x = torch.randn(2, 3, 16, 16)
     with pytest.raises(ValueError, match="architecture is unknown"):
-        save(convert(build("cls_token"), x, timesteps=2, progress=False), tmp_path / "s.safetensors")
+        save(convert(build("relu_mlp"), x, timesteps=2, progress=False), tmp_path / "s.safetensors")
 
 
 def test_energy_counts_match_a_hand_count():

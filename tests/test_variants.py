@@ -1,0 +1,212 @@
+"""The seed papers' attention variants (ssa, a2os2a, psa) and the spike-driven residual style."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from convert import convert, energy_report, finetune, load, save
+from convert.finetune import TimeAveraged
+from models.attention import AttentionBase
+from models.state import run_steps
+from tests.conftest import build
+
+VARIANT_CONFIGS = ["cls_token", "avg_pool_no_cls", "qk_norm", "register_tokens", "layer_scale", "distilled"]
+VARIANTS = [dict(attention="ssa"), dict(attention="a2os2a"), dict(attention="psa", mask_p=0.5),
+            dict(residual="spike_driven"), dict(attention="ssa", residual="spike_driven")]
+ids = lambda o: "-".join(map(str, o.values()))  # noqa: E731
+
+
+def _images(n=6, seed=1):
+    torch.manual_seed(seed)
+    return torch.randn(n, 3, 16, 16)
+
+
+def _record(net, modules):
+    """Outputs of the given (name, module) pairs at every call."""
+    seen = {name: [] for name, _ in modules}
+    handles = [m.register_forward_hook(lambda mod, i, o, name=name: seen[name].append(o.detach()))
+               for name, m in modules]
+    return seen, handles
+
+
+def _levels(values, neuron):
+    """Integer levels k of a neuron's output k * theta (per-channel thresholds along the last axis)."""
+    return values / neuron.threshold
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("config", VARIANT_CONFIGS)
+def test_ssa_spikes_are_binary_at_every_step(config, step_mode):
+    snn = convert(build(config), _images(), timesteps=4, attention="ssa", step_mode=step_mode, progress=False)
+    attns = [m for m in snn.net.modules() if isinstance(m, AttentionBase)]
+    neurons = [(f"{i}{r}", getattr(a, f"{r}_neuron")) for i, a in enumerate(attns) for r in "qkv"]
+    neurons += [(f"{i}out", a.proj.neuron) for i, a in enumerate(attns)]
+    seen, handles = _record(snn.net, neurons)
+    snn.simulate(_images(3))
+    for h in handles:
+        h.remove()
+    for name, neuron in neurons:
+        k = torch.cat([_levels(o, neuron).flatten() for o in seen[name]])
+        assert set(torch.round(k).unique().tolist()) <= {0.0, 1.0}, name
+        torch.testing.assert_close(k, torch.round(k))
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("config", VARIANT_CONFIGS)
+def test_a2os2a_value_sets_at_every_step(config, step_mode):
+    snn = convert(build(config), _images(), timesteps=4, attention="a2os2a", step_mode=step_mode, progress=False)
+    attns = [m for m in snn.net.modules() if isinstance(m, AttentionBase)]
+    mods = [(f"{i}q", a.q_neuron) for i, a in enumerate(attns)] + [(f"{i}k", a.k_act) for i, a in enumerate(attns)] \
+        + [(f"{i}v", a.v_neuron) for i, a in enumerate(attns)]
+    seen, handles = _record(snn.net, mods)
+    snn.simulate(_images(3))
+    for h in handles:
+        h.remove()
+    for i, a in enumerate(attns):
+        q = torch.cat([_levels(o, a.q_neuron).flatten() for o in seen[f"{i}q"]])
+        v = torch.cat([_levels(o, a.v_neuron).flatten() for o in seen[f"{i}v"]])
+        k = torch.cat([o.flatten() for o in seen[f"{i}k"]])
+        assert set(torch.round(q).unique().tolist()) <= {0.0, 1.0}
+        assert set(torch.round(v).unique().tolist()) <= {-1.0, 0.0, 1.0} and (v != 0).any()
+        torch.testing.assert_close(v, torch.round(v))
+        assert (k >= 0).all() and (k > 0).any() and not torch.equal(k, torch.round(k))  # real-valued, not spikes
+
+
+class CountSoftmax(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("softmax", "_softmax", "log_softmax"):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("attention, softmax", [("ssa", False), ("a2os2a", False), ("ecm", True), ("psa", True)])
+def test_softmax_runs_only_where_the_variant_keeps_it(attention, softmax, step_mode):
+    snn = convert(build("cls_token"), _images(), timesteps=3, attention=attention, step_mode=step_mode,
+                  progress=False)
+    with CountSoftmax() as mode:
+        snn.simulate(_images(2))
+    assert (mode.calls > 0) == softmax, mode.calls
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("config", VARIANT_CONFIGS)
+def test_psa_without_masking_is_ecm_bitwise(config, step_mode):
+    x = _images()
+    ecm = convert(build(config), x, timesteps=4, step_mode=step_mode, progress=False)
+    psa = convert(build(config), x, timesteps=4, attention="psa", mask_p=0.0, step_mode=step_mode, progress=False)
+    assert torch.equal(ecm.simulate(x), psa.simulate(x))
+    assert torch.equal(ecm.simulate(x), psa.simulate(x))
+
+
+@pytest.mark.parametrize("mask_p", [0.25, 0.5, 0.75])
+def test_psa_attention_sops_fall_as_one_minus_mask_p(mask_p):
+    x = _images(8)
+    ecm = convert(build("cls_token"), x, timesteps=4, progress=False)
+    psa = convert(build("cls_token"), x, timesteps=4, attention="psa", mask_p=mask_p, progress=False)
+    e_ecm, e_psa = energy_report(ecm, x)["layers"], energy_report(psa, x)["layers"]
+    for name in [n for n in e_ecm if n.endswith(".qk")]:  # both operands masked
+        assert e_psa[name]["sops"] / e_ecm[name]["sops"] == pytest.approx(1 - mask_p, abs=0.08), name
+    total = lambda layers: sum(r["sops"] for n, r in layers.items() if n.endswith((".qk", ".av")))  # noqa: E731
+    assert total(e_psa) < (1 - mask_p / 3) * total(e_ecm)
+
+
+def test_psa_masks_repeat_exactly_and_differ_between_steps():
+    x = _images(2)
+    psa = convert(build("cls_token"), x, timesteps=6, attention="psa", mask_p=0.5, progress=False)
+    assert torch.equal(psa.simulate(x), psa.simulate(x))
+    masks = []
+    mask = psa.net.blocks[0].attn.q_mask
+    handle = mask.register_forward_hook(lambda m, i, o: masks.append((o == 0) & (i[0] != 0)))
+    psa.simulate(x, timesteps=2)
+    handle.remove()
+    assert masks[0].any() and not torch.equal(masks[0], masks[1])
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("config", VARIANT_CONFIGS)
+def test_spike_driven_every_linear_input_is_binary(config, step_mode):
+    snn = convert(build(config), _images(), timesteps=4, residual="spike_driven", step_mode=step_mode, progress=False)
+    first = snn.net.patch_embed.proj
+    linears = [(n, m) for n, m in snn.net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m is not first]
+    synapses = {m.layer: m.neuron for m in snn.net.modules() if hasattr(m, "layer") and hasattr(m, "neuron")}
+    inputs = {n: [] for n, _ in linears}
+    handles = [m.register_forward_pre_hook(lambda mod, i, n=n: inputs[n].append(i[0].detach())) for n, m in linears]
+    snn.simulate(_images(3))
+    for h in handles:
+        h.remove()
+    for name, layer in linears:
+        neuron = synapses[layer]
+        k = torch.cat([(x / neuron.threshold).flatten() for x in inputs[name]])
+        assert set(torch.round(k).unique().tolist()) <= {0.0, 1.0}, name
+        torch.testing.assert_close(k, torch.round(k))
+
+
+@pytest.mark.parametrize("options", VARIANTS, ids=ids)
+def test_variants_step_equals_multi_step(options):
+    x = _images(4)
+    s = convert(build("cls_token"), x, timesteps=5, progress=False, **options)
+    with torch.no_grad():
+        a = run_steps(s.net, x, 5, "s")
+        b = run_steps(s.net, x, 5, "m")
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("options", VARIANTS, ids=ids)
+def test_variant_checkpoints_round_trip(options, tmp_path):
+    x = _images(4)
+    snn = convert(build("cls_token"), x, timesteps=3, progress=False, **options)
+    back = load(save(snn, tmp_path / "v.safetensors"))
+    assert back.options == snn.options and torch.equal(back.simulate(x), snn.simulate(x))
+
+
+@pytest.mark.parametrize("attention", ["ssa", "a2os2a"])
+def test_products_of_ssa_and_a2os2a_are_additions_only(attention):
+    x = _images(4)
+    snn = convert(build("cls_token"), x, timesteps=3, attention=attention, progress=False)
+    layers = energy_report(snn, x)["layers"]
+    products = {n: r for n, r in layers.items() if n.endswith((".qk", ".av"))}
+    assert products and all(r.get("macs", 0) == 0 and r["sops"] > 0 for r in products.values())
+    if attention == "ssa":  # binary spikes on one side of each product: additions also under strict counting
+        assert all(r.get("strict_macs", 0) == 0 for r in products.values())
+
+
+@pytest.mark.parametrize("options", VARIANTS, ids=ids)
+def test_finetuning_lowers_the_loss_of_every_variant(options):
+    x = _images(32, seed=4)
+    ann = build("cls_token")
+    with torch.no_grad():
+        y = ann(x).argmax(-1)
+    snn = convert(ann, x, timesteps=2, progress=False, **options)
+
+    def loss():
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(TimeAveraged(snn.net, 2)(x), y))
+
+    before = loss()
+    finetune(snn, (x, y), epochs=25, batch_size=32, lr=1e-3, warmup=0.0, progress=False)
+    assert loss() < 0.9 * before
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, message", [
+    (dict(attention="linear"), "unknown attention 'linear': available: ecm, psa, ssa, a2os2a"),
+    (dict(residual="dense"), "unknown residual 'dense': available: membrane, spike_driven"),
+    (dict(attention="psa", mask_p=1.0), r"mask_p is the share of spikes masked out, in \[0, 1\)"),
+    (dict(attention="psa", mask_p=-0.1), r"in \[0, 1\)"),
+    (dict(attention="psa", mask_p="half"), r"in \[0, 1\)"),
+    (dict(mask_p=0.3), "applies to attention=psa only"),
+    (dict(attention="a2os2a", levels=4), "attention=a2os2a uses binary Q and ternary V"),
+    (dict(attention="ssa", neuron="multi_threshold", levels=1), "attention=ssa uses binary Q, K, V"),
+    (dict(residual="spike_driven", levels=2), "residual=spike_driven uses binary inputs"),
+])
+def test_bad_variant_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        convert(build("cls_token"), _images(), timesteps=2, progress=False, **options)
