@@ -61,9 +61,11 @@ def markdown(res, command) -> str:
 
 
 def write_section(md_path: Path, section: str) -> None:
+    """Replace the section between its begin and end markers (its first and last lines), or append it."""
+    begin, end = section.splitlines()[0], section.rstrip("\n").splitlines()[-1]
     text = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", lambda _: section, text, flags=re.S)
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end) + "\n?", lambda _: section, text, flags=re.S)
     else:
         text = text.rstrip("\n") + "\n\n" + section
     md_path.write_text(text)

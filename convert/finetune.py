@@ -38,7 +38,7 @@ from models.neurons import BaseNeuron, Surrogate
 from models.state import reset_net, set_step_mode
 
 FINETUNE_DEFAULTS: Dict[str, Any] = dict(
-    lr=1e-4, threshold_lr=None, weight_decay=0.01, warmup=0.05, batch_size=64, timesteps=None, images=None,
+    lr=1e-3, threshold_lr=None, weight_decay=0.01, warmup=0.05, batch_size=64, timesteps=None, images=None,
     surrogate="ste", alpha=4.0, thresholds=True, weights=True, distill=0.0, temperature=1.0,
     grad_checkpoint=False, checkpoint_every=0, checkpoint_path=None, resume=None, max_steps=None, seed=0,
     progress=True)
