@@ -2,6 +2,9 @@
 
     python -m benchmarks            # full: whole Fashion-MNIST test split (about 30 minutes on 2 CPU cores)
     python -m benchmarks --quick    # a few minutes: 500 test images, fewer settings
+
+Fine-tuning and the attention variants have their own command (about an hour):
+``python -m benchmarks.finetune``; its section of BENCHMARKS.md is kept by this one.
 """
 from __future__ import annotations
 
@@ -96,7 +99,7 @@ def main() -> None:
     if args.render:
         saved = json.loads((args.out / "results.json").read_text())
         old = args.markdown.read_text()
-        keep = old[old.index(outputs.BEGIN):] if outputs.BEGIN in old else ""
+        keep = old[old.index("<!-- "):] if "<!-- " in old else ""
         command = old.split("Measured with `", 1)[1].split("`", 1)[0]
         args.markdown.write_text(markdown(saved["core"], saved["calibration"], command) + "\n" + keep)
         return
@@ -111,7 +114,9 @@ def main() -> None:
     rows = [r for name, res in core_res["fidelity"].items() for r in sweep_rows(f"signed IF {name}", res)]
     ann_top1 = next(iter(core_res["fidelity"].values()))["ann_top1"]
     (args.out / "fidelity.png").write_bytes(png_bytes(sweep_figure(rows, ann_top1, "vit_fmnist on Fashion-MNIST")))
-    args.markdown.write_text(markdown(core_res, cal_res, command))
+    old = args.markdown.read_text() if args.markdown.exists() else ""
+    keep = old[old.index("<!-- "):] if "<!-- " in old else ""  # the other benchmarks' sections
+    args.markdown.write_text(markdown(core_res, cal_res, command) + "\n" + keep)
     outputs.write_section(args.markdown, outputs.markdown(outputs.run(64 if args.quick else 256), command))
     print(f"wrote {args.markdown} and {args.out}/", file=sys.stderr)
 
