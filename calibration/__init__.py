@@ -9,6 +9,7 @@ from torch import nn
 from calibration.corrections import bias_correction, firing_rates
 from calibration.statistics import RunningHistogram, analog_mode, collect_statistics, iter_images
 from calibration.thresholds import METHODS, choose_thresholds, expected_error
+from models.distributed import shard, world_size
 from models.neurons import BaseNeuron
 
 __all__ = ["calibrate", "collect_statistics", "choose_thresholds", "expected_error", "iter_images",
@@ -35,7 +36,8 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "percentile", percen
     if num_images is not None and 0 < seen < num_images:
         warnings.warn(f"only {seen} calibration images available (asked for {num_images}); calibrating on {seen}",
                       stacklevel=3)
-    hists = collect_statistics(net, batches, per_channel=per_channel, progress=progress)
+    mine = _rank_shard(batches)
+    hists = collect_statistics(net, mine, per_channel=per_channel, progress=progress)
     report = {}
     for name, module in net.named_modules():
         if not isinstance(module, BaseNeuron):
@@ -53,11 +55,19 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "percentile", percen
                                                    module.signed).mean()),
         }
     if correction == "bias":
-        for name, shift in bias_correction(net, batches, timesteps, step_mode, progress).items():
+        for name, shift in bias_correction(net, mine, timesteps, step_mode, progress).items():
             report[f"{name}.neuron"]["bias_shift"] = shift
     for name, rate in firing_rates(net, batches[:1], timesteps, step_mode).items():
         report[name]["firing_rate"] = rate
     return report
+
+
+def _rank_shard(batches):
+    """Under torchrun, this rank's batches (rank, rank + world, ...); all of them otherwise."""
+    if len(batches) < world_size():
+        raise ValueError(f"{len(batches)} calibration batches cannot be shared by {world_size()} processes: use "
+                         f"fewer processes (nproc_per_node), more calibration images or smaller batches")
+    return shard(batches)
 
 
 def _take(batches, num_images: Optional[int]):

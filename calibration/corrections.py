@@ -18,27 +18,32 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibration.statistics import analog_mode
+from models.distributed import all_reduce
 from models.neurons import BaseNeuron
 from models.state import run_steps
 from models.synapse import SpikingSynapse
 
 
-def _channel_mean(y: torch.Tensor) -> torch.Tensor:
-    """Mean over every axis but the channel axis (last for Linear, 1 for Conv2d outputs)."""
+def _channel_sum(y: torch.Tensor):
+    """Sum over every axis but the channel axis (last for Linear, 1 for Conv2d outputs), and the row count."""
     y = y.movedim(1, -1) if y.dim() == 4 else y
-    return y.reshape(-1, y.shape[-1]).double().mean(0)
+    rows = y.reshape(-1, y.shape[-1]).double()
+    return rows.sum(0), rows.shape[0]
 
 
 def layer_means(net: nn.Module, layers: List[nn.Module], batches: List[torch.Tensor], timesteps: int = 0,
                 step_mode: str = "s") -> List[torch.Tensor]:
-    """Mean output per channel of each layer: of the ANN (timesteps=0, analog mode) or over T SNN steps."""
+    """Mean output per channel of each layer: of the ANN (timesteps=0, analog mode) or over T SNN steps.
+
+    Under torchrun, ``batches`` are this rank's shard and the sums are all-reduced."""
     sums: Dict[int, torch.Tensor] = {}
     counts: Dict[int, int] = {}
 
     def hook(module, inputs, output):
         key = id(module)
-        sums[key] = sums.get(key, 0) + _channel_mean(output)
-        counts[key] = counts.get(key, 0) + 1
+        total, rows = _channel_sum(output)
+        sums[key] = sums.get(key, 0) + total.cpu()
+        counts[key] = counts.get(key, 0) + rows
 
     handles = [layer.register_forward_hook(hook) for layer in layers]
     try:
@@ -52,8 +57,11 @@ def layer_means(net: nn.Module, layers: List[nn.Module], batches: List[torch.Ten
     finally:
         for h in handles:
             h.remove()
-    # every call sees one batch-step of equal size, so the mean of means is the mean
-    return [sums[id(layer)] / counts[id(layer)] for layer in layers]
+    means = []
+    for layer in layers:
+        both = all_reduce(torch.cat([sums[id(layer)], torch.tensor([float(counts[id(layer)])], dtype=torch.float64)]))
+        means.append(both[:-1] / both[-1])
+    return means
 
 
 def bias_correction(net: nn.Module, batches: List[torch.Tensor], timesteps: int, step_mode: str = "s",

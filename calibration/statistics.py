@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from models.attention import BernoulliMask
+from models.distributed import all_reduce, world_size
 from models.neurons import BaseNeuron
 from models.state import reset_net, set_step_mode
 
@@ -39,7 +40,12 @@ class RunningHistogram:
         return self.pos.sum(-1) + self.neg.sum(-1) + self.zeros
 
     def _grow(self, needed: float) -> None:
-        new = 2.0 ** math.ceil(math.log2(needed)) if needed > 0 else 1.0
+        """Range: the smallest power of two strictly above ``needed`` (so no value falls on the top edge and
+        binning does not depend on when the range grew)."""
+        self._resize(2.0 ** (math.floor(math.log2(needed)) + 1) if needed > 0 else 1.0)
+
+    def _resize(self, new: float) -> None:
+        """Grow the range to ``new`` (a power of two) by merging pairs of bins."""
         if self.range == 0.0:
             self.range = new
             return
@@ -54,7 +60,7 @@ class RunningHistogram:
         x = x.detach().to(torch.float64)
         rows = x.reshape(-1, self.channels).t() if self.channels else x.reshape(1, -1)
         peak = float(rows.abs().max()) if rows.numel() else 0.0
-        if peak > self.range or self.range == 0.0:
+        if peak >= self.range or self.range == 0.0:
             self._grow(peak)
         self.max_pos = torch.maximum(self.max_pos, rows.clamp(min=0).amax(-1))
         self.max_neg = torch.maximum(self.max_neg, (-rows).clamp(min=0).amax(-1))
@@ -64,6 +70,19 @@ class RunningHistogram:
             mag = rows * sign
             idx = torch.clamp((mag * scale).long(), max=self.bins - 1)
             hist.scatter_add_(1, torch.where(mag > 0, idx, 0), (mag > 0).to(torch.float64))
+
+    def merge_ranks(self) -> None:
+        """Sum the histograms of every rank (torchrun): grow to the largest range, then add counts.
+
+        Bins at range 2R are exact unions of bins at range R, so the merged histogram equals the
+        one a single process would build from all the images."""
+        if world_size() <= 1:
+            return
+        self._resize(float(all_reduce(torch.tensor([self.range], dtype=torch.float64), "max")))
+        for name in ("pos", "neg", "zeros"):
+            all_reduce(getattr(self, name))
+        for name in ("max_pos", "max_neg"):
+            all_reduce(getattr(self, name), "max")
 
     def magnitudes(self, signed: bool) -> torch.Tensor:
         """Counts per bin of the values a neuron must represent: |x| if signed, else max(x, 0)."""
@@ -165,4 +184,6 @@ def collect_statistics(net: nn.Module, batches: Iterable[torch.Tensor], bins: in
                 h.remove()
     if seen == 0:
         raise ValueError("calibration data is empty: pass at least one image")
+    for name in sorted(hists):
+        hists[name].merge_ranks()
     return hists

@@ -9,6 +9,7 @@ from typing import List, Optional
 from omegaconf import OmegaConf
 
 from convert.config import GROUPS, compose_config, group_choices
+from models.distributed import rank, shutdown, world_size
 
 
 def _positive_int(text: str) -> int:
@@ -86,9 +87,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         from convert.run import run
         run(cfg, load_path=args.load)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+        print(f"{_rank_prefix()}interrupted: nothing was written", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
     return 0
+
+
+def _rank_prefix() -> str:
+    return f"rank {rank()}: " if world_size() > 1 else ""

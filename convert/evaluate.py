@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from calibration import analog_mode
 from convert.network import SpikingModel
+from models.distributed import all_reduce
 
 
 @torch.no_grad()
@@ -16,6 +17,7 @@ def evaluate(snn: SpikingModel, loader: Iterable, timesteps: int, progress: bool
              reference: Optional[nn.Module] = None) -> Dict:
     """top-1 / top-5 accuracy (%) of the ANN, and of the SNN after each t = 1..T, plus agreement with the ANN.
 
+    Under torchrun ``loader`` holds this rank's share of the images; the counts are summed over ranks.
     The ANN is ``reference`` or else the SNN's own network in analog mode, which computes the ANN
     exactly (for a fine-tuned SNN: the ANN with the fine-tuned weights)."""
     device = next(snn.parameters()).device
@@ -41,6 +43,9 @@ def evaluate(snn: SpikingModel, loader: Iterable, timesteps: int, progress: bool
         top5 += (per_step.topk(k, -1).indices == labels[None, :, None]).any(-1).sum(-1).cpu()
         agree += (pred == ann_pred).sum(-1).cpu()
         n += len(labels)
+    counts = all_reduce(torch.cat([torch.tensor([n, ann_top1, ann_top5]), top1, top5, agree]))  # torchrun: all ranks
+    n, ann_top1, ann_top5 = (int(c) for c in counts[:3])
+    top1, top5, agree = counts[3:].split(timesteps)
     if n == 0:
         raise ValueError("the evaluation data holds no images")
     pct = lambda c: (100.0 * c.double() / n).tolist()  # noqa: E731

@@ -13,7 +13,9 @@ Spike functions get surrogate gradients (models.neurons.Surrogate), thresholds a
 The teacher ``ann`` is the network as converted, in analog mode (exactly the ANN).
 Data order is a permutation seeded by (seed, epoch), so a run resumed from a checkpoint
 written at step s takes the same batches, learning rates and optimiser state as an
-uninterrupted one and ends with the same weights.
+uninterrupted one and ends with the same weights. Under torchrun the objective is
+wrapped in DistributedDataParallel and each rank takes every world-th image of each
+batch; rank 0 writes the checkpoints.
 """
 from __future__ import annotations
 
@@ -28,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from calibration import analog_mode
 from convert.checkpoint import load_training_state, save
 from convert.network import SpikingModel, check_images, check_timesteps
+from models.distributed import is_main, rank, world_size
 from models.neurons import BaseNeuron, Surrogate
 from models.state import reset_net, set_step_mode
 
@@ -165,6 +168,10 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
     else:
         torch.manual_seed(o["seed"])
     objective = TimeAveraged(snn.net, T, o["grad_checkpoint"])
+    if world_size() > 1:  # torchrun: each rank trains on its share of every batch, gradients averaged
+        from torch.nn.parallel import DistributedDataParallel
+        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                            find_unused_parameters=True)
     surrogate = Surrogate(o["surrogate"], o["alpha"])
     step, history = resume_meta["step"], list(resume_meta["history"])
     elapsed = resume_meta.get("seconds", 0.0)
@@ -189,7 +196,7 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
                 bar.set_postfix(loss=f"{stats['loss'] / stats['images']:.4f}",
                                 acc=f"{100 * stats['correct'] / stats['images']:.1f}%")
                 position = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
-                if o["checkpoint_path"] and (step == total or step == o["max_steps"]
+                if o["checkpoint_path"] and is_main() and (step == total or step == o["max_steps"]
                                              or (o["checkpoint_every"] and step % o["checkpoint_every"] == 0)):
                     report = _report(o, epochs, step, total, history, T, elapsed + time.time() - start)
                     _write_checkpoint(snn, optimizer, o, epochs, step, position, history, report)
@@ -302,19 +309,29 @@ class _Batches:
     def __len__(self) -> int:
         if self.dataset is None:
             return len(self.loader)
-        return math.ceil(self._size() / self.batch_size)
+        n = self._size()  # a last batch too small to give every rank an image is left out
+        return n // self.batch_size + (n % self.batch_size >= world_size())
 
     def epoch(self, epoch: int, skip: int) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        world, me = world_size(), rank()
         if self.dataset is None:
             batches = iter(self.loader)
             for _ in range(skip):
                 next(batches)
-        else:
-            gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            order = torch.randperm(len(self.dataset), generator=gen)[:self._size()]
-            batches = DataLoader(Subset(self.dataset, order[skip * self.batch_size:].tolist()),
-                                 batch_size=self.batch_size, pin_memory=torch.cuda.is_available())
-        for batch in batches:
+            for batch in batches:
+                images, labels = self._split(batch)
+                if len(images) < world:
+                    raise ValueError(f"a training batch of {len(images)} images cannot be shared by {world} "
+                                     f"processes: use larger batches or fewer processes")
+                yield images[me::world], (None if labels is None else labels[me::world])
+            return
+        gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        order = torch.randperm(len(self.dataset), generator=gen)[:self._size()].tolist()
+        starts = range(skip * self.batch_size, len(self) * self.batch_size, self.batch_size)
+        # under torchrun each rank loads only its share of every global batch
+        plan = [order[i:i + self.batch_size][me::world] for i in starts]
+        loader = DataLoader(self.dataset, batch_sampler=plan, pin_memory=torch.cuda.is_available())
+        for batch in loader:
             yield self._split(batch)
 
     def _split(self, batch):

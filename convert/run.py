@@ -30,6 +30,7 @@ from convert.finetune import check_finetune_options, finetune
 from convert.network import SpikingModel, check_timesteps
 from convert.plots import energy_figure, png_bytes, sweep_figure
 from models.data import load_dataset
+from models.distributed import all_gather_object, check_same, init_from_env, is_main, shard_batches
 from models.zoo import create_ann
 
 
@@ -108,10 +109,18 @@ def _variant(base: Dict, overrides: Dict, T: int):
 
 
 def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
+    """Under torchrun every rank runs this; images are sharded, rank 0 prints and writes (returns {} elsewhere)."""
     T = check_timesteps(cfg.timesteps)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    out = output_folder(cfg)
+    world = init_from_env(device.type)
+    if world > 1:
+        check_same(OmegaConf.to_yaml(cfg, resolve=True) + f"load={load_path}", "config")
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+    say = print if is_main() else (lambda *args, **kwargs: None)
+    progress = cfg.progress and is_main()
+    out = Path(all_gather_object(str(output_folder(cfg)))[0])  # rank 0's folder (its time stamp)
     start = time.time()
     base = convert_options(cfg)
     if cfg.sweep.variants is None:
@@ -128,11 +137,15 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
         model_name, net_for_data = cfg.model.name, ann
         variants = variants or {"default": (check_options(base), T)}
     test = load_dataset(cfg.data, "test", net_for_data)
-    print(f"model {model_name}; data {cfg.data.name} from {test.source}")
+    say(f"model {model_name}; data {cfg.data.name} from {test.source}" + (f"; {world} processes" if world > 1 else ""))
     if test.subset:
-        print("note: Fashion-MNIST is not available here; numbers are on the bundled 1,000-image subset")
+        say("note: Fashion-MNIST is not available here; numbers are on the bundled 1,000-image subset")
     n_eval = len(test.dataset) if cfg.data.eval_images is None else min(cfg.data.eval_images, len(test.dataset))
-    test_loader = DataLoader(Subset(test.dataset, range(n_eval)), batch_size=cfg.data.batch_size)
+    if -(-n_eval // cfg.data.batch_size) < world:
+        raise ValueError(f"{n_eval} evaluation images in batches of {cfg.data.batch_size} cannot be shared by {world} "
+                         f"processes: use fewer processes (nproc_per_node), more images or smaller data.batch_size")
+    test_loader = DataLoader(test.dataset, batch_sampler=shard_batches(n_eval, cfg.data.batch_size),
+                             pin_memory=device.type == "cuda")
     energy_set = Subset(test.dataset, range(min(cfg.sweep.energy_images, n_eval)))
     energy_images = torch.stack([energy_set[i][0] for i in range(len(energy_set))])
     calib = train = None
@@ -147,20 +160,23 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
     rows, energy_points, results, first = [], [], {}, None
     for name, (opts, T_v) in variants.items():
         t0 = time.time()
-        snn = loaded if load_path else convert(ann, calib, timesteps=T_v, **opts)
+        snn = loaded if load_path else convert(ann, calib, timesteps=T_v, **{**opts, "progress": progress})
         convert_s = time.time() - t0
         t0 = time.time()
         if cfg.finetune.epochs:
             out.mkdir(parents=True, exist_ok=True)
             ckpt = out / ("finetune.safetensors" if len(variants) == 1 else f"finetune-{name}.safetensors")
-            finetune(snn, train.dataset, cfg.finetune.epochs, **finetune_options(cfg), checkpoint_path=ckpt)
-            print(f"[{name}] fine-tuned {snn.finetune_report['steps']} steps at T={snn.finetune_report['timesteps']}"
+            finetune(snn, train.dataset, cfg.finetune.epochs,
+                     **{**finetune_options(cfg), "progress": progress, "checkpoint_path": ckpt})
+            say(f"[{name}] fine-tuned {snn.finetune_report['steps']} steps at T={snn.finetune_report['timesteps']}"
                   f" in {snn.finetune_report['seconds']:.0f} s; train loss per epoch "
                   f"{', '.join(f'{v:.4f}' for v in snn.finetune_report['loss'])}")
         finetune_s = time.time() - t0
         t0 = time.time()
-        result = evaluate(snn, test_loader, T_v, progress=cfg.progress, reference=None if load_path else ann)
+        result = evaluate(snn, test_loader, T_v, progress=progress, reference=None if load_path else ann)
         eval_s = time.time() - t0
+        if not is_main():
+            continue
         print_table(name, result)
         energies = {t: energy_report(snn, energy_images, timesteps=t) for t in energy_steps(T_v)}
         rows += sweep_rows(name, result)
@@ -172,6 +188,8 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
                          "energy": {t: {k: v for k, v in e.items() if k != "layers"} for t, e in energies.items()},
                          "calibration": snn.calibration_report}
         first = first or snn
+    if not is_main():
+        return {}
     ann_top1 = next(iter(results.values()))["ann_top1"]
     ann_energy = next(iter(results.values()))["energy"][1]["energy_ann_pj"] / 1e6
     report = {"model": model_name, "data": cfg.data.name, "data_source": test.source, "subset": test.subset,
