@@ -77,6 +77,7 @@ def test_ranks_that_disagree_on_the_config_stop(tmp_path):
     res = _torchrun(*COMMON, "seed=${oc.env:RANK}", "--out", str(tmp_path / "o"))
     assert res.returncode != 0
     # torchrun stops the other rank as soon as one exits, so one or both print their line
+    # torchrun stops the other rank as soon as one exits, so one or both print their line
     ours = [line for line in res.stderr.splitlines() if line.startswith("rank ")]
     assert ours and all("ranks disagree on the config: rank(s) 1 differ from rank 0" in o for o in ours)
     assert str(ROOT / "convert") not in res.stderr  # one line per rank; the traceback below is torchrun's own
