@@ -64,7 +64,7 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "percentile", percen
 
 def _rank_shard(batches):
     """Under torchrun, this rank's batches (rank, rank + world, ...); all of them otherwise."""
-    if len(batches) < world_size():
+    if 0 < len(batches) < world_size():
         raise ValueError(f"{len(batches)} calibration batches cannot be shared by {world_size()} processes: use "
                          f"fewer processes (nproc_per_node), more calibration images or smaller batches")
     return shard(batches)

@@ -9,6 +9,7 @@ from typing import List, Optional
 from omegaconf import OmegaConf
 
 from convert.config import GROUPS, compose_config, group_choices
+from convert.multirun import check_launcher
 from models.distributed import rank, shutdown, world_size
 
 
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="output folder (default runs/<date>_<time>_<model>)")
     parser.add_argument("--load", help="re-evaluate a saved SNN checkpoint (snn.safetensors) instead of converting")
     parser.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+    parser.add_argument("-m", "--multirun", action="store_true",
+                        help="Hydra multirun: one job per combination of comma-separated override values "
+                             "(e.g. -m attention=ecm,psa neuron.levels=1,2); launcher=basic|submitit_local|submitit_slurm")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides: group=choice or key=value")
     return parser
 
@@ -80,6 +84,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.load and args.checkpoint:
         parser.error("--load (a saved SNN) and --checkpoint (ANN weights to convert) exclude each other")
     try:
+        if args.multirun:
+            if args.load or args.cfg:
+                parser.error("--multirun sweeps conversions: it does not combine with --load or --cfg")
+            from convert.multirun import multirun
+            multirun(build_overrides(args), out=args.out)
+            return 0
+        check_launcher(args.overrides)
         cfg = compose_config(build_overrides(args))
         if args.cfg:
             print(OmegaConf.to_yaml(cfg), end="")

@@ -74,8 +74,8 @@ class _Counter:
                 self._hook(m, self._neuron(names[m], m))
             elif isinstance(m, AttentionBase):
                 for product, neuron_a, neuron_b, transposed_b in m.products():
-                    make = self._product if isinstance(product, SpikeProduct) else self._step_product
-                    self._hook(product, make(names[product], neuron_a, neuron_b, transposed_b))
+                    self._hook(product, self._product(names[product], neuron_a, neuron_b, transposed_b,
+                                                      expectation=isinstance(product, SpikeProduct)))
 
     def _hook(self, module, fn):
         self.handles.append(module.register_forward_hook(fn))
@@ -120,7 +120,8 @@ class _Counter:
                 rec["neuron_steps"] += float(output.numel())
         return hook
 
-    def _product(self, name, neuron_a, neuron_b, transposed_b=False):
+    def _product(self, name, neuron_a, neuron_b, transposed_b=False, expectation=True):
+        """Expectation products (ecm, psa): both operands' events; step products (ssa, a2os2a): the cheaper one."""
         def hook(module, inputs, output):
             a, b = inputs
             rec = self.ops[name]
@@ -128,36 +129,22 @@ class _Counter:
             if self.analog:
                 rec["ann_macs"] += dense
                 return
-            events_b = neuron_b.events(b.transpose(-2, -1) if transposed_b else b)
-            incr = float(neuron_a.events(a).sum()) * b.shape[-1] + float(events_b.sum()) * a.shape[-2]
-            rec["sops"] += incr
-            rec["macs"] += float(output.numel())  # rescaling of the previous product
-            if _binary(neuron_a) and _binary(neuron_b):
-                rec["strict_sops"] += incr
-                rec["strict_macs"] += float(output.numel())
-            else:
-                rec["strict_macs"] += incr + float(output.numel())
-        return hook
-
-    def _step_product(self, name, neuron_a, neuron_b, transposed_b=False):
-        def hook(module, inputs, output):
-            a, b = inputs
-            rec = self.ops[name]
-            dense = float(output.numel() * a.shape[-1])
-            if self.analog:
-                rec["ann_macs"] += dense
-                return
-            options = []  # (accumulations, binary operand)
+            terms = []  # (accumulations, the operand is binary) for each spike operand
             if neuron_a is not None:
-                options.append((float(neuron_a.events(a).sum()) * b.shape[-1], _binary(neuron_a)))
+                terms.append((float(neuron_a.events(a).sum()) * b.shape[-1], _binary(neuron_a)))
             if neuron_b is not None:
                 events_b = neuron_b.events(b.transpose(-2, -1) if transposed_b else b)
-                options.append((float(events_b.sum()) * a.shape[-2], _binary(neuron_b)))
-            if not options:
+                terms.append((float(events_b.sum()) * a.shape[-2], _binary(neuron_b)))
+            if not terms:
                 rec["macs"] += dense
                 rec["strict_macs"] += dense
                 return
-            sops, binary = min(options)
+            if expectation:  # increments from both operands, plus the rescaling of the previous product
+                sops, binary = sum(t for t, _ in terms), all(bin_ for _, bin_ in terms)
+                rec["macs"] += float(output.numel())
+                rec["strict_macs"] += float(output.numel())
+            else:
+                sops, binary = min(terms)
             rec["sops"] += sops
             rec["strict_sops" if binary else "strict_macs"] += sops
         return hook

@@ -88,12 +88,13 @@ def print_table(variant: str, result: Dict) -> None:
         print(f"{t:>4} {acc:>9.2f}% {result['ann_top1'] - acc:>6.2f} {agr:>6.2f}%")
 
 
-def publish(out: Path, files: Dict[str, bytes], snn: SpikingModel) -> None:
-    """Stage every file in a hidden folder inside ``out``, then rename each into place."""
+def write_files(out: Path, files: Dict[str, bytes], snn: Optional[SpikingModel] = None) -> None:
+    """Stage every file (and ``snn.safetensors``) in a hidden folder inside ``out``, then rename each into place."""
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
     try:
-        save(snn, staging / "snn.safetensors")
+        if snn is not None:
+            save(snn, staging / "snn.safetensors")
         for name, data in files.items():
             (staging / name).write_bytes(data)
         for path in staging.iterdir():
@@ -199,6 +200,6 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
     files = {"sweep.csv": csv_bytes(rows), "report.json": json.dumps(report, indent=2).encode(),
              "sweep.png": png_bytes(sweep_figure(rows, ann_top1, f"{model_name}, T={T}")),
              "energy.png": png_bytes(energy_figure(energy_points, ann_top1, ann_energy, f"{model_name}"))}
-    publish(out, files, first)
+    write_files(out, files, first)
     print(f"\nwrote {out}/: snn.safetensors, sweep.csv, sweep.png, energy.png, report.json")
     return report

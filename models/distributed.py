@@ -34,10 +34,14 @@ def is_main() -> bool:
 
 
 def init_from_env(device_type: Optional[str] = None) -> int:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR...); returns the world size.
+    """Join the process group torchrun (or a submitit SLURM job) describes; returns the world size.
 
     NCCL on GPUs, gloo on CPUs. A no-op without WORLD_SIZE > 1 or when already initialised."""
     global _cpu_group
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 \
+            and "SUBMITIT_EXECUTOR" in os.environ:  # a submitit SLURM job with one task per GPU
+        import submitit
+        submitit.helpers.TorchDistributedEnvironment().export()
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1 or dist.is_initialized():
         return world_size()

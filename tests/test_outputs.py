@@ -137,16 +137,16 @@ def test_sweep_rows_equal_simulate_and_plots_have_one_line_per_variant():
     assert len(fig.axes[0].get_lines()) == 4
 
 
-def test_publish_replaces_whole_files_only(tmp_path):
-    from convert.run import publish
+def test_write_files_replaces_whole_files_only(tmp_path):
+    from convert.run import write_files
     x = torch.randn(2, 3, 32, 32)
     snn = convert(tiny_ann(), x, timesteps=2, progress=False)
     out = tmp_path / "run"
-    publish(out, {"report.json": b"old"}, snn)
+    write_files(out, {"report.json": b"old"}, snn)
     with pytest.raises(RuntimeError):
         class Boom(dict):
             def items(self):
                 raise RuntimeError("disk full")
-        publish(out, Boom(), snn)
+        write_files(out, Boom(), snn)
     assert (out / "report.json").read_bytes() == b"old"
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "snn.safetensors"]

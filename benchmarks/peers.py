@@ -1,0 +1,195 @@
+"""Side by side with SpikingJelly 2.0's STATransformerRecipe on the same network, images and calibration.
+
+    pip install -e '.[bench]'
+    python -m benchmarks.peers            # full test split, T = 1, 2, 4, 8, 16 (about 20 minutes on 2 cores)
+    python -m benchmarks.peers --quick    # 256 test images, T = 2, 4
+
+SpikingJelly's ViT path takes torchvision's VisionTransformer only, so vit_fmnist is
+ported 1:1 (models.torchvision_port; the outputs agree to 1e-5). It is used the way its
+ImageNet ViT example does: mode spiking_encoder, MSE thresholds, threshold scale 0.5,
+the image fed at step 1 and zeros after, logits summed over T; one conversion per T
+(its thresholds depend on T). Its spike encoders emit unbounded graded counts
+trunc(membrane / threshold) per step. For both sides the table gives the spike
+alphabet (the largest count one neuron emitted in one step), mean events per neuron
+per step (an event: one unit of count; our multi-threshold neuron: one per spike) and
+which operations stay analog.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from benchmarks.core import calibration_images, machine_info
+from benchmarks.outputs import write_section
+from convert import convert
+from convert.evaluate import evaluate
+from models.data import fashion_mnist
+from models.neurons import BaseNeuron
+from models.state import run_steps
+from models.torchvision_port import to_torchvision
+from models.zoo import create_ann
+
+BEGIN, END = "<!-- peers:begin -->", "<!-- peers:end -->"
+OURS = {"signed IF L=1 (defaults)": {}, "signed IF L=4": dict(levels=4),
+        "multi-threshold N=8": dict(neuron="multi_threshold", levels=8, v_init=0.0),
+        "signed IF L=127 (SpikingJelly's alphabet)": dict(levels=127)}
+
+
+class _Counts:
+    """Forward hooks on spiking modules: largest level per step and total events per neuron-step.
+
+    ``count_of(module, output)`` returns (levels k of the output k * theta, events)."""
+
+    def __init__(self, modules, count_of):
+        self.max, self.events, self.elements = 0.0, 0.0, 0
+        self.handles = [m.register_forward_hook(self._hook(count_of)) for m in modules]
+
+    def _hook(self, count_of):
+        def hook(module, inputs, output):
+            levels, events = count_of(module, output)
+            self.max = max(self.max, float(levels.abs().max()))
+            self.events += float(events.sum())
+            self.elements += output.numel()
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def result(self):
+        return {"alphabet": self.max, "events_per_neuron_step": self.events / max(1, self.elements)}
+
+
+def _sj_counts(module, output):
+    from spikingjelly.activation_based.ann2snn.recipes.sta_transformer import _broadcast_channel_vector
+    theta = _broadcast_channel_vector(module.v_threshold, output, module.channel_dim).clamp(min=1e-12)
+    counts = torch.round(output / theta).abs()
+    return counts, counts
+
+
+def _our_counts(module, output):
+    return torch.round(output / module.threshold), module.events(output)
+
+
+def spikingjelly_run(tv, calib, test_x, test_y, T, stats_images=256, batch_size=256):
+    from spikingjelly.activation_based import functional
+    from spikingjelly.activation_based.ann2snn import Converter, STATransformerRecipe
+    from spikingjelly.activation_based.ann2snn.recipes.sta_transformer import _STASpikeEncoder
+    calib_loader = DataLoader(TensorDataset(calib, torch.zeros(len(calib), dtype=torch.long)), batch_size=64)
+    t0 = time.perf_counter()
+    recipe = STATransformerRecipe(dataloader=calib_loader, time_steps=T, mode="spiking_encoder",
+                                  threshold_mode="mse", threshold_scale=0.5)
+    snn = Converter(recipe=recipe, device=torch.device("cpu")).convert(tv).eval()
+    convert_s = time.perf_counter() - t0
+    functional.set_step_mode(snn, "m")
+
+    def run(x):
+        functional.reset_net(snn)
+        seq = torch.zeros((T, *x.shape), dtype=x.dtype)
+        seq[0] = x
+        return snn(seq).sum(0)
+
+    correct, t0 = 0, time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(test_x), batch_size):
+            correct += int((run(test_x[i:i + batch_size]).argmax(-1) == test_y[i:i + batch_size]).sum())
+    eval_s = time.perf_counter() - t0
+    counts = _Counts([m for m in snn.modules() if isinstance(m, _STASpikeEncoder)], _sj_counts)
+    with torch.no_grad():
+        run(test_x[:stats_images])
+    counts.remove()
+    return {"top1": 100.0 * correct / len(test_x), "convert_s": convert_s, "evaluate_s": eval_s, **counts.result()}
+
+
+def ours_run(ann, calib, test, T_max, options, stats_images=256):
+    t0 = time.perf_counter()
+    snn = convert(ann, calib, timesteps=T_max, progress=False, **options)
+    convert_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = evaluate(snn, DataLoader(test, batch_size=256), T_max, progress=False, reference=ann)
+    eval_s = time.perf_counter() - t0
+    x = torch.stack([test[i][0] for i in range(min(stats_images, len(test)))])
+    counts = _Counts([m for m in snn.net.modules() if isinstance(m, BaseNeuron)], _our_counts)
+    with torch.no_grad():
+        run_steps(snn.net, x, T_max, snn.step_mode)
+    counts.remove()
+    return {"top1": res["top1"], "ann_top1": res["ann_top1"], "convert_s": convert_s, "evaluate_s": eval_s,
+            **counts.result()}
+
+
+def run(eval_images=None, steps=(1, 2, 4, 8, 16)):
+    torch.manual_seed(0)
+    ann = create_ann("vit_fmnist")
+    tv = to_torchvision(ann)
+    data = fashion_mnist("test")
+    test = data.dataset if eval_images is None else Subset(data.dataset, range(eval_images))
+    test_x = torch.stack([test[i][0] for i in range(len(test))])
+    test_y = torch.tensor([int(test[i][1]) for i in range(len(test))])
+    calib = calibration_images()
+    with torch.no_grad():
+        port_error = float((ann(test_x[:256]) - tv(test_x[:256])).abs().max())
+    import spikingjelly
+    res = {**machine_info(data.source), "images": len(test), "steps": list(steps), "port_max_abs_error": port_error,
+           "spikingjelly": spikingjelly.__version__ if hasattr(spikingjelly, "__version__") else "2.0",
+           "sj": {}, "ours": {}}
+    for T in steps:
+        res["sj"][T] = spikingjelly_run(tv, calib, test_x, test_y, T)
+        print(f"SpikingJelly T={T}: {res['sj'][T]}", flush=True)
+    for name, options in OURS.items():
+        res["ours"][name] = ours_run(ann, calib, test, max(steps), options)
+        print(f"ours {name}: {res['ours'][name]['top1']}", flush=True)
+    return res
+
+
+def markdown(res, command) -> str:
+    steps = res["steps"]
+    ann = next(iter(res["ours"].values()))["ann_top1"]
+    lines = [BEGIN, "## Side by side with SpikingJelly (STATransformerRecipe)", "",
+             f"Measured with `{command}` on {res['date']}: {res['machine']}; {res['images']} test images, the same "
+             f"512 calibration images for both; vit_fmnist ported 1:1 to torchvision's ViT (largest output "
+             f"difference {res['port_max_abs_error']:.1e}). ANN top-1 {ann:.2f}%. SpikingJelly as in its ImageNet ViT "
+             "example: spiking_encoder mode, MSE thresholds, threshold scale 0.5, image at step 1 only, one conversion "
+             "per T. Ours: one anytime run to the largest T gives every T.", "",
+             "| method | " + " | ".join(f"T={t}" for t in steps) + " | alphabet (max count / step) | "
+             "events / neuron / step | evaluate s (T=" + str(max(steps)) + ") |",
+             "|---|" + "---|" * len(steps) + "---|---|---|"]
+    sj = res["sj"]
+    last = sj[max(steps)] if max(steps) in sj else sj[str(max(steps))]
+    get = lambda d, t: d[t] if t in d else d[str(t)]  # noqa: E731  (json keys are strings)
+    lines.append("| SpikingJelly STA | " + " | ".join(f"{get(sj, t)['top1']:.2f}" for t in steps) +
+                 f" | {last['alphabet']:.0f} (unbounded) | {last['events_per_neuron_step']:.3f} | "
+                 f"{last['evaluate_s']:.1f} |")
+    for name, r in res["ours"].items():
+        lines.append(f"| ours, {name} | " + " | ".join(f"{r['top1'][t - 1]:.2f}" for t in steps) +
+                     f" | {r['alphabet']:.0f} | {r['events_per_neuron_step']:.3f} | {r['evaluate_s']:.1f} |")
+    lines += ["", "Alphabet and events at the largest T on 256 test images. What stays analog: SpikingJelly's "
+              "converted graph runs LayerNorm, GELU and the whole multi-head attention as time-difference modules "
+              "(TDLayerNorm, TDGELU, TDMultiheadAttention: softmax and both products on graded inputs), with spike "
+              "encoders in front of the Linear layers; ours computes LayerNorm, GELU and softmax in expectation "
+              "(analog) and feeds Q K^T and A V with spikes (the rescaling of the running product stays analog). "
+              "SpikingJelly's evaluate time is for its T=" + str(max(steps)) + " conversion alone; ours covers "
+              "every T up to it in one run.", END]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    res = run(eval_images=256, steps=(2, 4)) if args.quick else run()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / ("peers-quick.json" if args.quick else "peers.json")).write_text(json.dumps(res, indent=2))
+    write_section(args.markdown, markdown(res, "python -m benchmarks.peers " + " ".join(sys.argv[1:])))
+    print(f"wrote {args.markdown}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

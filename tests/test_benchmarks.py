@@ -1,0 +1,51 @@
+"""The benchmarks cannot rot: the torchvision port is exact, and the quick modes run end to end."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import finetune as ft_bench
+from benchmarks import peers
+from models.torchvision_port import to_torchvision
+from models.zoo import create_ann
+from tests.conftest import build
+
+
+@pytest.mark.parametrize("model", ["vit_fmnist", "cls_token", "no_qkv_bias_rejected"])
+def test_torchvision_port_reproduces_the_ann(model):
+    ann = create_ann("vit_fmnist") if model == "vit_fmnist" else build("cls_token")
+    if model == "no_qkv_bias_rejected":
+        with pytest.raises(ValueError, match="cannot port to torchvision"):
+            to_torchvision(build("no_qkv_bias"))
+        return
+    x = torch.randn(8, *((1, 28, 28) if model == "vit_fmnist" else (3, 16, 16)))
+    with torch.no_grad():
+        torch.testing.assert_close(to_torchvision(ann)(x), ann(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("config, message", [("qk_norm", "plain pre-norm block"), ("layer_scale", "plain pre-norm"),
+                                             ("avg_pool_no_cls", "no class-token pooling"),
+                                             ("register_tokens", "register tokens"), ("fc_norm", "fc-norm"),
+                                             ("gelu_tanh", "exact GELU")])
+def test_torchvision_port_names_what_differs(config, message):
+    with pytest.raises(ValueError, match=message):
+        to_torchvision(build(config))
+
+
+def test_peers_quick_runs_and_renders():
+    res = peers.run(eval_images=64, steps=(2,))
+    sj, ours = res["sj"][2], res["ours"]["signed IF L=1 (defaults)"]
+    assert 0 <= sj["top1"] <= 100 and sj["alphabet"] >= 1 and sj["events_per_neuron_step"] > 0
+    assert ours["alphabet"] == 1  # signed IF L=1: k in {-1, 0, 1}
+    assert res["ours"]["multi-threshold N=8"]["alphabet"] <= 128 and res["port_max_abs_error"] < 1e-4
+    md = peers.markdown(res, "test")
+    assert md.startswith(peers.BEGIN) and "| SpikingJelly STA |" in md and md.rstrip().endswith(peers.END)
+
+
+def test_finetune_quick_runs_and_renders():
+    res = ft_bench.run(eval_images=64, train_images=64, epochs=1, steps=(2,), variant_t=2,
+                       variants={"ecm (default)": {}, "ssa": dict(attention="ssa")}, max_t=2)
+    assert set(res["defaults"]) == {2} and set(res["variants"]) == {"ecm (default)", "ssa"}
+    assert res["defaults"][2]["seconds_per_epoch"] > 0
+    md = ft_bench.markdown(res, "test")
+    assert md.startswith(ft_bench.BEGIN) and "| ssa |" in md
