@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from typing import List, Optional
@@ -83,6 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.model = "vit_fmnist"
     if args.load and args.checkpoint:
         parser.error("--load (a saved SNN) and --checkpoint (ANN weights to convert) exclude each other")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.multirun:
             if args.load or args.cfg:
@@ -100,12 +102,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError) as exc:
         print(f"{_rank_prefix()}error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{_rank_prefix()}interrupted: nothing was written", file=sys.stderr)
+    except OSError as exc:  # a full disk, a vanished mount: earlier outputs stay as they were
+        print(f"{_rank_prefix()}error: {exc.strerror or exc} ({exc.filename or 'while reading or writing'}): "
+              f"nothing was half-written; free space or choose another --out", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print(f"{_rank_prefix()}interrupted: {exc.args[0] if exc.args else 'the run folder was not written'}",
+              file=sys.stderr)
         return 130
     finally:
         shutdown()
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate(signum, frame):
+    """SIGTERM (a cluster's time limit, kill) ends the run like Ctrl-C: cleanly, nothing half-written."""
+    raise KeyboardInterrupt()
 
 
 def _rank_prefix() -> str:

@@ -57,7 +57,7 @@ def check_job(cfg: DictConfig) -> None:
     from convert.network import check_timesteps
     check_timesteps(cfg.timesteps)
     check_options(convert_options(cfg))
-    check_finetune_options(cfg.finetune.epochs, finetune_options(cfg))
+    check_finetune_options(cfg.finetune.epochs, {**finetune_options(cfg), "checkpoint_path": "finetune.safetensors"})
 
 
 @hydra.main(config_path="pkg://conf", config_name="config", version_base="1.3")

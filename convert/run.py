@@ -34,6 +34,9 @@ from models.distributed import all_gather_object, check_same, init_from_env, is_
 from models.zoo import create_ann
 
 
+CHECKPOINT = "finetune.safetensors"  # the resumable fine-tuning checkpoint in the run folder
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,7 +131,7 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
         raise ValueError("the sweep is empty (sweep.variants=null): give at least one variant, or {} for the "
                          "configured options alone")
     variants = {name: _variant(base, dict(opts), T) for name, opts in cfg.sweep.variants.items()}
-    check_finetune_options(cfg.finetune.epochs, finetune_options(cfg))
+    check_finetune_options(cfg.finetune.epochs, {**finetune_options(cfg), "checkpoint_path": CHECKPOINT})
     if load_path:
         loaded = load(load_path, device=str(device))
         model_name, net_for_data = loaded.architecture["name"], loaded.net
@@ -166,9 +169,15 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
         t0 = time.time()
         if cfg.finetune.epochs:
             out.mkdir(parents=True, exist_ok=True)
-            ckpt = out / ("finetune.safetensors" if len(variants) == 1 else f"finetune-{name}.safetensors")
-            finetune(snn, train.dataset, cfg.finetune.epochs,
-                     **{**finetune_options(cfg), "progress": progress, "checkpoint_path": ckpt})
+            ckpt = out / (CHECKPOINT if len(variants) == 1 else f"finetune-{name}.safetensors")
+            try:
+                finetune(snn, train.dataset, cfg.finetune.epochs,
+                         **{**finetune_options(cfg), "progress": progress, "checkpoint_path": ckpt})
+            except KeyboardInterrupt:
+                if ckpt.is_file():
+                    raise KeyboardInterrupt(f"fine-tuning stopped; its last checkpoint is {ckpt}: continue with the "
+                                            f"same command plus finetune.resume={ckpt}") from None
+                raise
             say(f"[{name}] fine-tuned {snn.finetune_report['steps']} steps at T={snn.finetune_report['timesteps']}"
                   f" in {snn.finetune_report['seconds']:.0f} s; train loss per epoch "
                   f"{', '.join(f'{v:.4f}' for v in snn.finetune_report['loss'])}")

@@ -131,6 +131,16 @@ def fashion_mnist(split: str, root: Optional[str] = None, download: bool = True,
     return ResolvedData(load_bundled_fmnist(split), f"bundled subset ({BUNDLED_FMNIST.name})", subset=True)
 
 
+def _read_image(path: str):
+    """An RGB image; a file PIL cannot read is a ValueError naming it (not a crash in the middle of a run)."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ValueError(f"cannot read image file {path} ({exc.__class__.__name__}): remove or replace it") from None
+
+
 def image_folder(root: str, split: str, model) -> ResolvedData:
     """ImageNet-style ImageFolder ``root/split`` with timm's eval transforms for ``model``."""
     import timm.data
@@ -142,7 +152,7 @@ def image_folder(root: str, split: str, model) -> ResolvedData:
     cfg = timm.data.resolve_data_config({}, model=model)
     transform = timm.data.create_transform(**cfg, is_training=False)
     try:
-        ds = torchvision.datasets.ImageFolder(str(path), transform=transform)
+        ds = torchvision.datasets.ImageFolder(str(path), transform=transform, loader=_read_image)
     except (FileNotFoundError, RuntimeError) as exc:
         raise ValueError(f"data root {path} holds no images: {exc}") from None
     return ResolvedData(ds, str(path))
