@@ -11,18 +11,15 @@ and energy vs the ecm default and the ANN.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import re
+import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
 from benchmarks.core import calibration_images, machine_info
-from benchmarks.outputs import write_section
+from benchmarks.outputs import benchmark_main
 from convert import convert, energy_report, finetune
 from convert.config import compose_config, finetune_options
 from convert.evaluate import evaluate
@@ -39,27 +36,26 @@ PAPERS = {"ssa": "Spikformer-8-768: 74.81% top-1 at T=4 (ImageNet)",
           "a2os2a": "A2OS2A: 78.66% (ImageNet)"}
 
 
-def _peak_rss_reset() -> None:
-    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> float:
-    match = re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())
-    return int(match.group(1)) / 1024 if match else float("nan")
+def training_memory_mb(T: int, grad_checkpoint: bool = False, batch: int = 64) -> float:
+    """Peak resident memory (MB, Linux VmHWM) that one fine-tuning step at T adds, in a fresh process."""
+    code = (
+        "import re, torch; from convert import convert, finetune; from models.zoo import create_ann;"
+        "from models.data import load_bundled_fmnist;"
+        "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1));"
+        f"x, y = load_bundled_fmnist('train').tensors; x, y = x[:{batch}], y[:{batch}];"
+        f"snn = convert(create_ann('vit_fmnist'), x[:2], timesteps={T}, progress=False);"
+        "open('/proc/self/clear_refs', 'w').write('5');"  # the peak so far starts afresh at the current RSS
+        f"base = hwm(); finetune(snn, (x, y), 1, batch_size={batch}, grad_checkpoint={grad_checkpoint}, "
+        "progress=False); print((hwm() - base) / 1024)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(res.stdout.strip().splitlines()[-1])
 
 
 def _tuned(snn, train, epochs, options, T):
-    _peak_rss_reset()
-    base = _peak_rss_mb()
     t0 = time.time()
     finetune(snn, train, epochs, **{**options, "timesteps": T})
-    seconds = time.time() - t0
-    return {"seconds_per_epoch": seconds / epochs, "peak_memory_mb": _peak_rss_mb() - base,
-            "train_loss": snn.finetune_report["loss"]}
+    return {"seconds_per_epoch": (time.time() - t0) / epochs, "train_loss": snn.finetune_report["loss"]}
 
 
 def run(eval_images=None, train_images=None, epochs=1, steps=(1, 2, 4, 8), variant_t=4, variants=VARIANTS,
@@ -82,8 +78,9 @@ def run(eval_images=None, train_images=None, epochs=1, steps=(1, 2, 4, 8), varia
         free = evaluate(snn, loader, T, progress=False, reference=ann)
         cost = _tuned(snn, train, epochs, options, T)
         tuned = evaluate(snn, loader, T, progress=False, reference=ann)
+        memory = {"peak_memory_mb": training_memory_mb(T), "peak_memory_mb_checkpointed": training_memory_mb(T, True)}
         res["defaults"][T] = {"ann_top1": free["ann_top1"], "free": free["top1"][-1], "tuned": tuned["top1"][-1],
-                              **cost}
+                              **cost, **memory}
         print(f"T={T}: free {free['top1'][-1]:.2f} tuned {tuned['top1'][-1]:.2f} ({cost})", flush=True)
     for name, opts in variants.items():
         snn = convert(ann, calib, timesteps=variant_t, progress=False, **opts)
@@ -110,10 +107,13 @@ def markdown(res, command) -> str:
              f"{o['lr']}, {o['surrogate']} surrogate, thresholds and weights learned, warm-up {o['warmup']}, cosine). "
              f"ANN top-1: {ann:.2f}%.", "",
              "### Defaults (signed IF L=1), each fine-tuned at its own T", "",
-             "| T | training-free | fine-tuned | drop vs ANN | s / epoch | peak memory MB |", "|---|---|---|---|---|---|"]
+             "| T | training-free | fine-tuned | drop vs ANN | s / epoch | training memory MB (grad_checkpoint) |",
+             "|---|---|---|---|---|---|"]
     for T, r in res["defaults"].items():
         lines.append(f"| {T} | {r['free']:.2f} | {r['tuned']:.2f} | {r['ann_top1'] - r['tuned']:+.2f} | "
-                     f"{r['seconds_per_epoch']:.0f} | {r['peak_memory_mb']:.0f} |")
+                     f"{r['seconds_per_epoch']:.0f} | {r['peak_memory_mb']:.0f} ({r['peak_memory_mb_checkpointed']:.0f}) |")
+    lines += ["", "Training memory: the peak resident memory one step of batch 64 adds, measured in a fresh process; in "
+              "brackets with `finetune.grad_checkpoint=true` (blocks recomputed in the backward pass)."]
     T = res["variant_t"]
     steps = [t for t in (1, 2, 4, 8) if t <= len(next(iter(res["variants"].values()))["free"])] \
         if res["variants"] else []
@@ -134,21 +134,13 @@ def markdown(res, command) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
-    if args.quick:
-        res = run(eval_images=500, train_images=2048, epochs=args.epochs, steps=(2,), variant_t=2,
-                  variants={k: VARIANTS[k] for k in ("ecm (default)", "ssa")}, max_t=4)
-    else:
-        res = run(epochs=args.epochs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / ("finetune-quick.json" if args.quick else "finetune.json")).write_text(json.dumps(res, indent=2))
-    write_section(args.markdown, markdown(res, "python -m benchmarks.finetune " + " ".join(sys.argv[1:])))
-    print(f"wrote {args.markdown}", file=sys.stderr)
+    benchmark_main(
+        "finetune", __doc__,
+        run_full=lambda a: run(epochs=a.epochs),
+        run_quick=lambda a: run(eval_images=500, train_images=2048, epochs=a.epochs, steps=(2,), variant_t=2,
+                                variants={k: VARIANTS[k] for k in ("ecm (default)", "ssa")}, max_t=4),
+        markdown=markdown,
+        add_arguments=lambda p: p.add_argument("--epochs", type=int, default=1))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,30 @@ def write_section(md_path: Path, section: str) -> None:
     md_path.write_text(text)
 
 
+def benchmark_main(name: str, doc: str, run_full, run_quick, markdown, add_arguments=None) -> None:
+    """The command line of a benchmark module: measure (``--quick``: a short version), keep the results as
+    benchmarks/results/<name>[-quick].json and write its section of BENCHMARKS.md; ``--render`` only rewrites
+    the section from the saved results. ``run_full`` / ``run_quick`` take the parsed arguments."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--render", action="store_true", help="rewrite the section from the saved results")
+    parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args()
+    path = args.out / f"{name}{'-quick' if args.quick else ''}.json"
+    if args.render:
+        res = json.loads(path.read_text())
+    else:
+        res = run_quick(args) if args.quick else run_full(args)
+        res["command"] = f"python -m benchmarks.{name} " + " ".join(a for a in sys.argv[1:] if a != "--render")
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=2))
+    write_section(args.markdown, markdown(res, res.get("command", f"python -m benchmarks.{name}").strip()))
+    print(f"wrote {args.markdown}", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)

@@ -16,17 +16,13 @@ which operations stay analog.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from benchmarks.core import calibration_images, machine_info
-from benchmarks.outputs import write_section
+from benchmarks.outputs import benchmark_main
 from convert import convert
 from convert.evaluate import evaluate
 from models.data import fashion_mnist
@@ -179,16 +175,8 @@ def markdown(res, command) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
-    res = run(eval_images=256, steps=(2, 4)) if args.quick else run()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / ("peers-quick.json" if args.quick else "peers.json")).write_text(json.dumps(res, indent=2))
-    write_section(args.markdown, markdown(res, "python -m benchmarks.peers " + " ".join(sys.argv[1:])))
-    print(f"wrote {args.markdown}", file=sys.stderr)
+    benchmark_main("peers", __doc__, run_full=lambda a: run(), run_quick=lambda a: run(eval_images=256, steps=(2, 4)),
+                   markdown=markdown)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,6 @@ class ExpectationCompensation(StatefulModule):
         totals = self.unfold(self.fn(self.fold(sums / t))) * t  # not in place: softmax's backward needs its output
         out = totals.clone()
         out[1:] -= totals[:-1]
-        self.t, self.sum, self.total = self.timesteps, sums[-1], totals[-1]
         return self.fold(out)
 
 
@@ -81,5 +80,4 @@ class SpikeProduct(StatefulModule):
         cur = (sa @ sb).div_(self.step_index(sa))
         out = cur.clone()
         out[1:] -= cur[:-1]
-        self.t, self.sum_a, self.sum_b, self.prev = self.timesteps, sa[-1], sb[-1], cur[-1]
         return self.fold(out)

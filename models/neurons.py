@@ -93,7 +93,6 @@ class BaseNeuron(StatefulModule):
         for t in range(xs.shape[0]):
             u, k = self._integrate(u, xs[t])
             out.append(k)
-        self.u = u
         return self.fold(torch.stack(out) * theta)
 
     def extra_repr(self) -> str:

@@ -3,7 +3,9 @@
 Step mode ('s'): one call = one timestep, state carried between calls.
 Multi-step mode ('m'): one call = all T timesteps, time folded into the batch
 dimension t-major (rows [t*B:(t+1)*B] are step t+1), so Linear/Conv layers and
-timm's own forward code run unchanged on [T*B, ...] tensors.
+timm's own forward code run unchanged on [T*B, ...] tensors. A multi-step call
+starts from a reset state and keeps none afterwards (no tensor outlives the call,
+which lets recomputation in the backward pass free each block's activations).
 """
 from __future__ import annotations
 
