@@ -71,6 +71,8 @@ def markdown(core_res, cal_res, command) -> str:
     for mode, row in core_res["peak_memory_mb"].items():
         lines.append(f"| {'step' if mode == 's' else 'multi-step'} | " + " | ".join(f"{v:.0f}" for v in row.values())
                      + " |")
+    if core_res.get("peak_memory_note"):
+        lines += ["", f"({core_res['peak_memory_note']}.)"]
     if cal_res:
         lines += ["", "## Calibration methods and corrections (training-free)", "",
                   "T-specific settings (mse, bias correction) are calibrated for T=8 (L=1) or T=4 (L=4).", "",

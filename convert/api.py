@@ -95,7 +95,7 @@ def convert(ann: nn.Module, calibration_data, timesteps: int = 16, **options) ->
     snn = build_spiking(ann, timesteps, options)
     opts = snn.options
     device = next(snn.net.parameters()).device
-    images = (x.to(device) for x in _checked_images(snn, calibration_data))
+    images = (x.to(device, non_blocking=True) for x in _checked_images(snn, calibration_data))
     snn.calibration_report = calibrate(snn.net, images, method=opts["calibration"],
                                        percentile=float(opts["percentile"]), timesteps=snn.timesteps,
                                        num_images=opts["num_images"], per_channel=opts["per_channel"],

@@ -164,7 +164,7 @@ def energy_report(snn: SpikingModel, images, timesteps: int = None, batch_size: 
     try:
         for x in iter_images(images, batch_size):
             check_images(snn.net, x)
-            x = x.to(device)
+            x = x.to(device, non_blocking=True)
             counter.analog = True
             with analog_mode(snn.net):
                 snn.net(x)

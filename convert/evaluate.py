@@ -27,7 +27,7 @@ def evaluate(snn: SpikingModel, loader: Iterable, timesteps: int, progress: bool
     top5 = torch.zeros(timesteps, dtype=torch.long)
     agree = torch.zeros(timesteps, dtype=torch.long)
     for images, labels in tqdm(loader, desc=f"evaluating T={timesteps}", unit="batch", disable=not progress, leave=False):
-        images, labels = images.to(device), labels.to(device)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if reference is not None:
             ref = reference(images)
         else:
