@@ -59,7 +59,8 @@ def _tuned(snn, train, epochs, options, T):
 
 
 def run(eval_images=None, train_images=None, epochs=1, steps=(1, 2, 4, 8), variant_t=4, variants=VARIANTS,
-        max_t=8):
+        max_t=8, variant_images=None):
+    """``train_images`` / ``variant_images``: training images per epoch for the defaults / the variants (None: all)."""
     torch.manual_seed(0)
     cfg = compose_config(["finetune=bptt", "progress=false", f"finetune.images={train_images or 'null'}"])
     options = finetune_options(cfg)
@@ -86,7 +87,7 @@ def run(eval_images=None, train_images=None, epochs=1, steps=(1, 2, 4, 8), varia
         snn = convert(ann, calib, timesteps=variant_t, progress=False, **opts)
         free = evaluate(snn, loader, max_t, progress=False, reference=ann)
         e_free = energy_report(snn, energy_images, timesteps=variant_t)
-        cost = _tuned(snn, train, epochs, options, variant_t)
+        cost = _tuned(snn, train, epochs, {**options, "images": variant_images or options["images"]}, variant_t)
         tuned = evaluate(snn, loader, max_t, progress=False, reference=ann)
         e = energy_report(snn, energy_images, timesteps=variant_t)
         res["variants"][name] = {"free": free["top1"], "tuned": tuned["top1"], **cost,
@@ -95,6 +96,7 @@ def run(eval_images=None, train_images=None, epochs=1, steps=(1, 2, 4, 8), varia
                                  "energy_free_pj": e_free["energy_snn_pj"]}
         print(f"{name}: free {free['top1'][variant_t - 1]:.2f} tuned {tuned['top1'][variant_t - 1]:.2f}", flush=True)
     res["variant_t"] = variant_t
+    res["variant_images"] = variant_images or res["train_images"]
     return res
 
 
@@ -117,7 +119,8 @@ def markdown(res, command) -> str:
     T = res["variant_t"]
     steps = [t for t in (1, 2, 4, 8) if t <= len(next(iter(res["variants"].values()))["free"])] \
         if res["variants"] else []
-    lines += ["", f"### Attention and residual variants: converted, then fine-tuned at T={T}", "",
+    lines += ["", f"### Attention and residual variants: converted, then fine-tuned at T={T} "
+              f"({res.get('variant_images', res['train_images'])} training images)", "",
               "| variant | " + " | ".join(f"T={t} free / tuned" for t in steps) +
               f" | SOPs (M) T={T} | energy vs ANN | vs ecm | paper (context) |",
               "|---|" + "---|" * len(steps) + "---|---|---|---|"]
@@ -136,11 +139,18 @@ def markdown(res, command) -> str:
 def main() -> None:
     benchmark_main(
         "finetune", __doc__,
-        run_full=lambda a: run(epochs=a.epochs),
+        run_full=lambda a: run(epochs=a.epochs, steps=tuple(a.steps), variant_images=a.variant_images),
         run_quick=lambda a: run(eval_images=500, train_images=2048, epochs=a.epochs, steps=(2,), variant_t=2,
                                 variants={k: VARIANTS[k] for k in ("ecm (default)", "ssa")}, max_t=4),
         markdown=markdown,
-        add_arguments=lambda p: p.add_argument("--epochs", type=int, default=1))
+        add_arguments=_arguments)
+
+
+def _arguments(parser) -> None:
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--steps", type=int, nargs="*", default=[1, 2, 4, 8], help="T of the defaults' rows")
+    parser.add_argument("--variant-images", type=int, default=None,
+                        help="training images per epoch for the variants (default: the whole train split)")
 
 
 if __name__ == "__main__":

@@ -196,8 +196,8 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
                 bar.set_postfix(loss=f"{stats['loss'] / stats['images']:.4f}",
                                 acc=f"{100 * stats['correct'] / stats['images']:.1f}%")
                 position = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
-                if o["checkpoint_path"] and is_main() and (step == total or step == o["max_steps"]
-                                             or (o["checkpoint_every"] and step % o["checkpoint_every"] == 0)):
+                due = step in (total, o["max_steps"]) or (o["checkpoint_every"] and step % o["checkpoint_every"] == 0)
+                if o["checkpoint_path"] and is_main() and due:
                     report = _report(o, epochs, step, total, history, T, elapsed + time.time() - start)
                     _write_checkpoint(snn, optimizer, o, epochs, step, position, history, report)
                 if step == o["max_steps"]:

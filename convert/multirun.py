@@ -23,7 +23,6 @@ from omegaconf import DictConfig
 from convert.config import compose_config, convert_options, finetune_options
 
 PLUGIN_LAUNCHERS = {"submitit_slurm", "submitit_local"}
-_sweep_jobs: List[str] = []
 
 
 def check_launcher(overrides: List[str]) -> None:
