@@ -116,6 +116,8 @@ def markdown(res, command) -> str:
                      f"{r['seconds_per_epoch']:.0f} | {r['peak_memory_mb']:.0f} ({r['peak_memory_mb_checkpointed']:.0f}) |")
     lines += ["", "Training memory: the peak resident memory one step of batch 64 adds, measured in a fresh process; in "
               "brackets with `finetune.grad_checkpoint=true` (blocks recomputed in the backward pass)."]
+    if res.get("note"):
+        lines += ["", res["note"]]
     T = res["variant_t"]
     steps = [t for t in (1, 2, 4, 8) if t <= len(next(iter(res["variants"].values()))["free"])] \
         if res["variants"] else []
