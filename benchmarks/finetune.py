@@ -122,7 +122,8 @@ def markdown(res, command) -> str:
     steps = [t for t in (1, 2, 4, 8) if t <= len(next(iter(res["variants"].values()))["free"])] \
         if res["variants"] else []
     lines += ["", f"### Attention and residual variants: converted, then fine-tuned at T={T} "
-              f"({res.get('variant_images', res['train_images'])} training images)", "",
+              f"({res.get('variant_images', res['train_images'])} training images; "
+              f"{res.get('variant_eval_images', res['images'])} test images)", "",
               "| variant | " + " | ".join(f"T={t} free / tuned" for t in steps) +
               f" | SOPs (M) T={T} | energy vs ANN | vs ecm | paper (context) |",
               "|---|" + "---|" * len(steps) + "---|---|---|---|"]
@@ -141,7 +142,8 @@ def markdown(res, command) -> str:
 def main() -> None:
     benchmark_main(
         "finetune", __doc__,
-        run_full=lambda a: run(epochs=a.epochs, steps=tuple(a.steps), variant_images=a.variant_images),
+        run_full=lambda a: run(eval_images=a.eval_images, epochs=a.epochs, steps=tuple(a.steps),
+                               variant_images=a.variant_images),
         run_quick=lambda a: run(eval_images=500, train_images=2048, epochs=a.epochs, steps=(2,), variant_t=2,
                                 variants={k: VARIANTS[k] for k in ("ecm (default)", "ssa")}, max_t=4),
         markdown=markdown,
@@ -151,6 +153,7 @@ def main() -> None:
 def _arguments(parser) -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--steps", type=int, nargs="*", default=[1, 2, 4, 8], help="T of the defaults' rows")
+    parser.add_argument("--eval-images", type=int, default=None, help="test images (default: the whole test split)")
     parser.add_argument("--variant-images", type=int, default=None,
                         help="training images per epoch for the variants (default: the whole train split)")
 
