@@ -118,16 +118,17 @@ def markdown(res, command) -> str:
               "brackets with `finetune.grad_checkpoint=true` (blocks recomputed in the backward pass)."]
     if res.get("note"):
         lines += ["", res["note"]]
+    if not res["variants"]:
+        return "\n".join(lines + [END]) + "\n"
     T = res["variant_t"]
-    steps = [t for t in (1, 2, 4, 8) if t <= len(next(iter(res["variants"].values()))["free"])] \
-        if res["variants"] else []
+    steps = [t for t in (1, 2, 4, 8) if t <= len(next(iter(res["variants"].values()))["free"])]
     lines += ["", f"### Attention and residual variants: converted, then fine-tuned at T={T} "
               f"({res.get('variant_images', res['train_images'])} training images; "
               f"{res.get('variant_eval_images', res['images'])} test images)", "",
               "| variant | " + " | ".join(f"T={t} free / tuned" for t in steps) +
               f" | SOPs (M) T={T} | energy vs ANN | vs ecm | paper (context) |",
               "|---|" + "---|" * len(steps) + "---|---|---|---|"]
-    ecm = next(iter(res["variants"].values()))["energy"]["energy_snn_pj"] if res["variants"] else 1.0
+    ecm = next(iter(res["variants"].values()))["energy"]["energy_snn_pj"]
     for name, r in res["variants"].items():
         e = r["energy"]
         lines.append(f"| {name} | " + " | ".join(f"{r['free'][t - 1]:.1f} / {r['tuned'][t - 1]:.1f}" for t in steps)
