@@ -20,7 +20,7 @@ from typing import Dict, List
 import hydra
 from omegaconf import DictConfig
 
-from convert.config import compose_config, convert_options, finetune_options
+from convert.config import compose_config
 
 PLUGIN_LAUNCHERS = {"submitit_slurm", "submitit_local"}
 
@@ -39,24 +39,15 @@ def expand(overrides: List[str]) -> List[List[str]]:
     """The jobs Hydra's basic sweeper makes of ``overrides`` (each composed once here to catch mistakes early)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from convert.run import check_config
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as exc:  # hydra's grammar errors carry the bad override
         raise ValueError(f"bad multirun override: {' '.join(str(exc).split())[:300]}") from None
     jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     for job in jobs:
-        check_job(compose_config(job))
+        check_config(compose_config(job))
     return jobs
-
-
-def check_job(cfg: DictConfig) -> None:
-    """The checks a single run makes before any work, so that a bad sweep value stops the sweep up front."""
-    from convert.api import check_options
-    from convert.finetune import check_finetune_options
-    from convert.network import check_timesteps
-    check_timesteps(cfg.timesteps)
-    check_options(convert_options(cfg))
-    check_finetune_options(cfg.finetune.epochs, {**finetune_options(cfg), "checkpoint_path": "finetune.safetensors"})
 
 
 @hydra.main(config_path="pkg://conf", config_name="config", version_base="1.3")

@@ -112,9 +112,17 @@ def _variant(base: Dict, overrides: Dict, T: int):
     return check_options({**base, **overrides}), T_v
 
 
+def check_config(cfg: DictConfig) -> None:
+    """The checks a run makes before any work (multirun makes them for every job before starting any)."""
+    check_timesteps(cfg.timesteps)
+    check_options(convert_options(cfg))
+    check_finetune_options(cfg.finetune.epochs, {**finetune_options(cfg), "checkpoint_path": CHECKPOINT})
+
+
 def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
     """Under torchrun every rank runs this; images are sharded, rank 0 prints and writes (returns {} elsewhere)."""
-    T = check_timesteps(cfg.timesteps)
+    check_config(cfg)
+    T = cfg.timesteps
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     world = init_from_env(device.type)
@@ -131,7 +139,6 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
         raise ValueError("the sweep is empty (sweep.variants=null): give at least one variant, or {} for the "
                          "configured options alone")
     variants = {name: _variant(base, dict(opts), T) for name, opts in cfg.sweep.variants.items()}
-    check_finetune_options(cfg.finetune.epochs, {**finetune_options(cfg), "checkpoint_path": CHECKPOINT})
     if load_path:
         loaded = load(load_path, device=str(device))
         model_name, net_for_data = loaded.architecture["name"], loaded.net
