@@ -167,6 +167,8 @@ def collect_statistics(net: nn.Module, batches: Iterable[torch.Tensor], bins: in
         if not torch.isfinite(x).all():
             raise ValueError(f"non-finite activations (NaN or inf) at the input of {name}: "
                              f"check the model weights and the input images")
+        if per_channel and module.channelwise and module.channel_axis != -1:
+            x = x.movedim(module.channel_axis, -1)  # the histogram's rows are channels of the last axis
         if name not in hists:
             hists[name] = RunningHistogram(bins, x.shape[-1] if per_channel and module.channelwise else None)
         hists[name].update(x)

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from functools import partial
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
+import torch
 from torch import nn
 
 from calibration import CORRECTIONS, METHODS, calibrate, iter_images
-from convert.network import SpikingModel, check_images, check_timesteps
-from convert.rewrite import rewrite
+from convert.network import SpikingModel, check_images, check_timesteps, input_spec
+from convert.rewrite import Rewriter
 from models.neurons import NEURONS, create_neuron
 from models.zoo import architecture_of
 
@@ -70,32 +72,60 @@ def _check_variant(opts: Dict[str, Any]) -> None:
 
 def check_finite_weights(model: nn.Module) -> None:
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if tensor.is_floating_point() and not tensor.isfinite().all():
+        if tensor.is_floating_point() and not tensor.is_meta and not tensor.isfinite().all():
             raise ValueError(f"non-finite values (NaN or inf) in the model's weights at {name}")
 
 
-def build_spiking(ann: nn.Module, timesteps: int, options: Dict[str, Any]) -> SpikingModel:
-    """The uncalibrated spiking counterpart of ``ann`` (a copy; ``ann`` is left untouched)."""
+def build_spiking(ann: nn.Module, timesteps: int, options: Dict[str, Any],
+                  inputs: Optional[Dict[str, Any]] = None) -> SpikingModel:
+    """The uncalibrated spiking counterpart of ``ann`` (a copy; ``ann`` is left untouched) for images
+    described by ``inputs`` (convert.network.input_spec; default: the model's own size)."""
     timesteps = check_timesteps(timesteps)
     opts = check_options(options)
     check_finite_weights(ann)
+    inputs = dict(inputs or input_spec(ann))
     net = copy.deepcopy(ann).eval()
+    for module in net.modules():  # attention as one F.scaled_dot_product_attention call: the spiking core's place
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = True
     make_neuron = partial(_make_neuron, opts["neuron"], opts["levels"], opts["v_init"])
-    net = rewrite(net, make_neuron, attention=opts["attention"], mask_p=float(opts["mask_p"]),
-                  spike_driven=opts["residual"] == "spike_driven")
-    snn = SpikingModel(net, timesteps, opts, step_mode=opts["step_mode"])
+    device = next(net.parameters()).device
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    example = torch.randn(2, inputs["channels"], *inputs["size"], generator=generator).to(device)
+    rewriter = Rewriter(make_neuron, attention=opts["attention"], mask_p=float(opts["mask_p"]),
+                        spike_driven=opts["residual"] == "spike_driven", fixed_tokens=not inputs["dynamic"],
+                        example=example)
+    net = rewriter.convert_root(net)
+    if rewriter.specialised:  # shape-dependent code was fixed to the conversion's image size
+        inputs["dynamic"] = False
+    snn = SpikingModel(net, timesteps, opts, step_mode=opts["step_mode"], inputs=inputs)
     snn.architecture = architecture_of(ann)
     return snn
 
 
-def convert(ann: nn.Module, calibration_data, timesteps: int = 16, **options) -> SpikingModel:
-    """Rewrite ``ann`` (a timm ViT, left untouched) into a spiking network and calibrate its thresholds."""
+def convert(ann: nn.Module, calibration_data, timesteps: int = 16, architecture: Optional[Dict[str, Any]] = None,
+            **options) -> SpikingModel:
+    """Rewrite ``ann`` (a timm model, left untouched) into a spiking network and calibrate its thresholds.
+
+    ``architecture``: how to rebuild ``ann`` for checkpoints ({'name': timm name, 'kwargs': {...}}, or
+    {'class': 'module:Class', 'args': [...], 'kwargs': {...}}); by default it is recorded when the model
+    is created (models.architecture)."""
     if ann.training:
         warnings.warn("the ANN was in train mode; converting it in eval mode", stacklevel=2)
-    snn = build_spiking(ann, timesteps, options)
+    batches = iter_images(calibration_data)
+    first = next(batches, None)
+    inputs = input_spec(ann)
+    if first is not None:
+        if getattr(getattr(ann, "patch_embed", None), "img_size", None) is not None:
+            check_images(inputs, first)  # the model states its image size: the data must fit it
+        inputs["size"] = list(first.shape[-2:])  # else the calibration images' size is the one converted for
+    snn = build_spiking(ann, timesteps, options, inputs)
+    if architecture is not None:
+        snn.architecture = {**architecture, "source": "given to convert()"}
     opts = snn.options
     device = next(snn.net.parameters()).device
-    images = (x.to(device, non_blocking=True) for x in _checked_images(snn, calibration_data))
+    chained = itertools.chain([] if first is None else [first], batches)
+    images = (x.to(device, non_blocking=True) for x in _checked_images(snn, chained))
     snn.calibration_report = calibrate(snn.net, images, method=opts["calibration"],
                                        percentile=float(opts["percentile"]), timesteps=snn.timesteps,
                                        num_images=opts["num_images"], per_channel=opts["per_channel"],
@@ -109,7 +139,7 @@ def _make_neuron(name: str, levels: int, v_init, signed: bool):
     return create_neuron(name, signed=signed, levels=levels, **({} if v_init is None else {"v_init": v_init}))
 
 
-def _checked_images(snn: SpikingModel, data):
-    for images in iter_images(data):
-        check_images(snn.net, images)
+def _checked_images(snn: SpikingModel, batches):
+    for images in batches:
+        check_images(snn.inputs, images)
         yield images

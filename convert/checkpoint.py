@@ -21,6 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from models.architecture import rebuild
+
 FORMAT = "vit-snn"
 TRAINING_PREFIX = "finetune_state/"
 VERSION = 1
@@ -35,14 +37,16 @@ def save(snn, path, training_state: Optional[Tuple[Dict[str, torch.Tensor], dict
     if not isinstance(snn, SpikingModel):
         raise ValueError(f"save expects a SpikingModel from convert(), got {type(snn).__name__}")
     if snn.architecture is None:
-        raise ValueError("cannot save: the ANN's architecture is unknown; build it with models.create_ann or "
-                         "timm.create_model so that load() can rebuild it")
+        raise ValueError("cannot save: how the ANN was built is unknown (it was created before vit-snn was "
+                         "imported, or by code that timm does not know): create it after importing vit-snn, with "
+                         "timm.create_model or a timm model class, or pass convert(..., architecture={'name': "
+                         "<timm name>, 'kwargs': {...}})")
     path = Path(path).expanduser()
-    config = {"architecture": snn.architecture, "options": snn.options, "timesteps": snn.timesteps,
+    config = {"architecture": snn.architecture, "inputs": snn.inputs, "options": snn.options, "timesteps": snn.timesteps,
               "step_mode": snn.step_mode, "calibration_report": snn.calibration_report,
               "finetune_report": snn.finetune_report,
               "versions": {"vit-snn": PACKAGE_VERSION, "timm": timm.__version__, "torch": torch.__version__}}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in snn.net.state_dict().items()}
+    tensors, config["aliases"] = _unshared(snn.net.state_dict())
     if training_state is not None:
         extra, config["finetune_state"] = training_state
         tensors.update({TRAINING_PREFIX + k: v.detach().cpu().contiguous() for k, v in extra.items()})
@@ -58,6 +62,28 @@ def save(snn, path, training_state: Optional[Tuple[Dict[str, torch.Tensor], dict
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _unshared(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Tensors to write, each storage once: a tensor reachable under two names (a module shared by two
+    parents) is written under its first name, the others recorded as aliases."""
+    tensors: Dict[str, torch.Tensor] = {}
+    aliases: Dict[str, str] = {}
+    first: Dict[tuple, str] = {}
+    storages = set()
+    for key, value in state.items():
+        value = value.detach()
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(),
+                 value.dtype) if value.numel() else None
+        if ident is not None and ident in first:
+            aliases[key] = first[ident]
+            continue
+        if ident is not None:
+            first[ident] = key
+        shared = value.numel() and value.untyped_storage().data_ptr() in storages
+        storages.add(value.untyped_storage().data_ptr())
+        tensors[key] = value.cpu().clone() if shared else value.cpu().contiguous()
+    return tensors, aliases
 
 
 def read_metadata(path: Path) -> dict:
@@ -101,7 +127,11 @@ def _fit_parameters(net: nn.Module, state: dict) -> None:
                 setattr(module, attr, torch.empty_like(value))
 
 
-def _load_weights(net: nn.Module, state: dict, path: Path) -> None:
+def _load_weights(net: nn.Module, state: dict, path: Path, aliases: Optional[Dict[str, str]] = None) -> None:
+    for alias, key in (aliases or {}).items():
+        if key not in state:
+            raise ValueError(f"{path} has corrupt vit-snn metadata (alias {alias} of a missing tensor {key})")
+        state[alias] = state[key]
     _fit_parameters(net, state)
     try:
         net.load_state_dict(state, strict=True)
@@ -119,12 +149,12 @@ def load(path, device: str = "cpu"):
     try:
         state = {k: v for k, v in load_file(str(path), device=device).items() if not k.startswith(TRAINING_PREFIX)}
         arch = config["architecture"]
-        ann = timm.create_model(arch["name"], pretrained=False, **arch["kwargs"]).eval()
-    except (SafetensorError, OSError, KeyError, TypeError, RuntimeError) as exc:
+        ann = rebuild(arch)
+    except (SafetensorError, OSError, KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise ValueError(f"{path} cannot be rebuilt: {exc}") from None
-    snn = build_spiking(ann, config["timesteps"], config["options"])
+    snn = build_spiking(ann, config["timesteps"], config["options"], config.get("inputs"))
     snn.architecture = arch
-    _load_weights(snn.net, state, path)
+    _load_weights(snn.net, state, path, config.get("aliases"))
     snn.calibration_report = config.get("calibration_report", {})
     snn.finetune_report = config.get("finetune_report")
     return snn.to(device)
@@ -150,6 +180,6 @@ def load_training_state(path, snn) -> Tuple[Dict[str, torch.Tensor], dict]:
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
     state = {k: v for k, v in tensors.items() if not k.startswith(TRAINING_PREFIX)}
-    _load_weights(snn.net, state, path)
+    _load_weights(snn.net, state, path, config.get("aliases"))
     extra = {k[len(TRAINING_PREFIX):]: v for k, v in tensors.items() if k.startswith(TRAINING_PREFIX)}
     return extra, config["finetune_state"]

@@ -1,14 +1,15 @@
 """Operation counts, firing rates and the energy estimate of a converted network (DESIGN section 6).
 
 Per image, summed over T steps:
-- synapse (Linear fed by a neuron): SOPs = events x fan-out, an event being one
+- synapse (Linear / Conv fed by a neuron): SOPs = events x fan-out (fan-out = the
+  layer's dense MACs / input elements: out_features for a Linear), an event being one
   unit of |k| (one per spike for the multi-threshold neuron); ``strict``: a layer
   whose input alphabet is not binary ({0, 1} or {-1, 0, 1}) counts its dense MACs
   every step instead.
-- first layer (patch embedding, fed the analog image): dense MACs every step.
+- a layer fed analog values (the first layer, fed the image): dense MACs every step.
 - expectation-compensated non-linearities (LayerNorm, GELU, softmax, ...): one
   MAC per element per step (a lower bound; they stay analog).
-- spike products (Q K^T, A V) in expectation (ecm, psa): the spike-driven increments
+- spike products (Q K^T, A V, SwiGLU gates) in expectation: the spike-driven increments
   a(t) S_B(t-1) + S_A(t-1) b(t) + a(t) b(t) are accumulations, events_a x columns(B) +
   events_b x rows(A) SOPs; the rescaling of the previous product (one per output element
   per step) stays analog; ``strict``: graded inputs make the increments MACs. psa counts
@@ -24,31 +25,40 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Dict
 
-import timm.layers
 import torch
 from torch import nn
 
 from calibration.statistics import analog_mode, iter_images
 from convert.network import SpikingModel, check_images
-from models.attention import AttentionBase
 from models.ecm import ExpectationCompensation, SpikeProduct
 from models.neurons import BaseNeuron
 from models.state import run_steps
-from models.synapse import SpikingSynapse
+from models.synapse import SpikingSynapse, dense_macs
 
 E_MAC_PJ = 4.6
 E_SOP_PJ = 0.9
-
-
-def _dense_macs(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    if isinstance(layer, nn.Conv2d):
-        k = layer.kernel_size[0] * layer.kernel_size[1] * layer.in_channels // layer.groups
-        return float(y.numel() * k)
-    return float(x.numel() // layer.in_features * layer.in_features * layer.out_features)
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _binary(neuron: BaseNeuron) -> bool:
     return set(neuron.levels()) <= {-1, 0, 1}
+
+
+def product_macs(op, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> float:
+    """Dense MACs of a bilinear product: matmul, element-wise, or einsum (every index combination once)."""
+    if op is torch.mul:
+        return float(out.numel())
+    equation = getattr(op, "args", None)
+    if equation:
+        sizes = {}
+        lhs = equation[0].replace(" ", "").split("->")[0].split(",")
+        for letters, tensor in zip(lhs, (a, b)):
+            sizes.update(zip(letters, tensor.shape[-len(letters):]))
+        total = 1.0
+        for n in sizes.values():
+            total *= n
+        return total
+    return float(out.numel() * a.shape[-1])
 
 
 class _Counter:
@@ -58,21 +68,20 @@ class _Counter:
         self.analog = False
         self.ops: Dict[str, Dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.handles = []
+        self.pending: Dict[int, float] = {}  # events of a synapse's neuron in this call
         names = {m: n for n, m in net.named_modules()}
-        spike_fed = {}  # linear layer -> neuron feeding it
+        in_synapse = {id(m.layer) for m in net.modules() if isinstance(m, SpikingSynapse)}
         for m in net.modules():
             if isinstance(m, SpikingSynapse):
-                spike_fed[m.layer] = m.neuron
-            elif isinstance(m, timm.layers.Mlp) and isinstance(m.act, BaseNeuron):  # ReLU -> IF
-                spike_fed[m.fc2] = m.act
-        for m in net.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                self._hook(m, self._linear(names[m], spike_fed.get(m)))
+                self._hook(m.neuron, self._synapse_events(id(m)))
+                self._hook(m, self._synapse(names[m], m))
+            elif isinstance(m, LAYERS) and id(m) not in in_synapse:
+                self._hook(m, self._analog_layer(names[m]))
             elif isinstance(m, ExpectationCompensation):
                 self._hook(m, self._nonlinear(names[m]))
-            elif isinstance(m, BaseNeuron):
+            if isinstance(m, BaseNeuron):
                 self._hook(m, self._neuron(names[m], m))
-            elif isinstance(m, AttentionBase):
+            if hasattr(m, "products"):
                 for product, neuron_a, neuron_b, transposed_b in m.products():
                     self._hook(product, self._product(names[product], neuron_a, neuron_b, transposed_b,
                                                       expectation=isinstance(product, SpikeProduct)))
@@ -80,30 +89,40 @@ class _Counter:
     def _hook(self, module, fn):
         self.handles.append(module.register_forward_hook(fn))
 
-    def _linear(self, name, neuron):
+    def _synapse_events(self, key):
         def hook(module, inputs, output):
-            x = inputs[0]
-            dense = _dense_macs(module, x, output)
+            self.pending[key] = float(module.events(output).sum()) if not self.analog else 0.0
+        return hook
+
+    def _synapse(self, name, synapse):
+        def hook(module, inputs, output):
+            x, args = inputs[0], inputs[1:]
+            dense = dense_macs(synapse.layer_weight(args), x, output)
             rec = self.ops[name]
             if self.analog:
                 rec["ann_macs"] += dense
                 return
-            if neuron is None:  # analog input: the first layer
-                rec["macs"] += dense
-                rec["strict_macs"] += dense
-                return
-            fan_out = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
-            sops = float(neuron.events(x).sum()) * fan_out
+            sops = self.pending.pop(id(module)) * dense / max(1, x.numel())  # events x fan-out
             rec["sops"] += sops
-            if _binary(neuron):
+            if _binary(synapse.neuron):
                 rec["strict_sops"] += sops
             else:
                 rec["strict_macs"] += dense
         return hook
 
+    def _analog_layer(self, name):
+        """A layer fed analog values (the first layer, fed the image): dense MACs every step."""
+        def hook(module, inputs, output):
+            dense = dense_macs(module.weight, inputs[0], output)
+            rec = self.ops[name]
+            rec["ann_macs" if self.analog else "macs"] += dense
+            if not self.analog:
+                rec["strict_macs"] += dense
+        return hook
+
     def _nonlinear(self, name):
         def hook(module, inputs, output):
-            n = float(inputs[0].numel())
+            n = float(sum(o.numel() for o in output) if isinstance(output, tuple) else output.numel())
             rec = self.ops[name]
             if self.analog:
                 rec["ann_macs"] += n
@@ -121,20 +140,21 @@ class _Counter:
         return hook
 
     def _product(self, name, neuron_a, neuron_b, transposed_b=False, expectation=True):
-        """Expectation products (ecm, psa): both operands' events; step products (ssa, a2os2a): the cheaper one."""
+        """Expectation products (ecm, psa, generic): both operands' events; step products (ssa, a2os2a): the
+        cheaper operand. Fan-out of an event = dense MACs / operand elements."""
         def hook(module, inputs, output):
             a, b = inputs
             rec = self.ops[name]
-            dense = float(output.numel() * a.shape[-1])
+            dense = product_macs(module.op, a, b, output)
             if self.analog:
                 rec["ann_macs"] += dense
                 return
             terms = []  # (accumulations, the operand is binary) for each spike operand
             if neuron_a is not None:
-                terms.append((float(neuron_a.events(a).sum()) * b.shape[-1], _binary(neuron_a)))
+                terms.append((float(neuron_a.events(a).sum()) * dense / a.numel(), _binary(neuron_a)))
             if neuron_b is not None:
                 events_b = neuron_b.events(b.transpose(-2, -1) if transposed_b else b)
-                terms.append((float(events_b.sum()) * a.shape[-2], _binary(neuron_b)))
+                terms.append((float(events_b.sum()) * dense / b.numel(), _binary(neuron_b)))
             if not terms:
                 rec["macs"] += dense
                 rec["strict_macs"] += dense
@@ -163,7 +183,7 @@ def energy_report(snn: SpikingModel, images, timesteps: int = None, batch_size: 
     n_images = 0
     try:
         for x in iter_images(images, batch_size):
-            check_images(snn.net, x)
+            check_images(snn.inputs, x)
             x = x.to(device, non_blocking=True)
             counter.analog = True
             with analog_mode(snn.net):

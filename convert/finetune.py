@@ -219,7 +219,7 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
 def _train_step(snn, objective, optimizer, thresholds, teacher, images, labels, device, o,
                 factor: float) -> Tuple[float, int]:
     """One optimiser step; returns the batch loss and the number of correct predictions."""
-    check_images(snn.net, images)
+    check_images(snn.inputs, images)
     images = images.to(device, non_blocking=True)
     if labels is not None:
         labels = _checked_labels(labels, images, snn).to(device, non_blocking=True)

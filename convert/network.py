@@ -1,7 +1,7 @@
 """The converted network and its simulation over T timesteps."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -15,22 +15,36 @@ def check_timesteps(timesteps: Any) -> int:
     return timesteps
 
 
-def check_images(net: nn.Module, x: Any) -> None:
-    """Images must be a finite float tensor [B, C, H, W] that fits the model's patch embedding."""
+def input_spec(model: nn.Module, size: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """What images ``model`` takes: channels, height and width (``size``, else the model's own), and whether
+    other sizes are allowed (``dynamic``: ViTs built with dynamic_img_size, in multiples of ``patch``)."""
+    embed = getattr(model, "patch_embed", None)
+    if size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)  # the stem, in module order
+        channels = first.in_channels if first is not None else cfg.get("input_size", (3,))[0]
+        own = getattr(embed, "img_size", None) or cfg.get("input_size", (3, 224, 224))[1:]
+        size = (channels, *((own, own) if isinstance(own, int) else own))
+    patch = getattr(embed, "patch_size", None) or (1, 1)
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    dynamic = bool(getattr(model, "dynamic_img_size", False))
+    return {"channels": int(size[0]), "size": [int(v) for v in size[1:]], "dynamic": dynamic,
+            "patch": [int(p) for p in patch], "pad": bool(getattr(embed, "dynamic_img_pad", False))}
+
+
+def check_images(spec: Dict[str, Any], x: Any) -> None:
+    """Images must be a finite float tensor [B, C, H, W] of the size the network was converted for."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"images must be a tensor [batch, channels, height, width], got {shape}")
-    embed = net.patch_embed
-    channels = embed.proj.in_channels
-    if x.shape[1] != channels:
-        raise ValueError(f"images have {x.shape[1]} channels but the model expects {channels}")
-    size = tuple(embed.img_size) if embed.img_size is not None else None
-    strict = getattr(embed, "strict_img_size", True) and not getattr(net, "dynamic_img_size", False)
-    if strict and size is not None and tuple(x.shape[-2:]) != size:
+    if x.shape[1] != spec["channels"]:
+        raise ValueError(f"images have {x.shape[1]} channels but the model expects {spec['channels']}")
+    size = tuple(spec["size"])
+    if not spec["dynamic"] and tuple(x.shape[-2:]) != size:
         raise ValueError(f"images are {tuple(x.shape[-2:])} pixels but the model expects {size} "
                          f"(build the model with dynamic_img_size=True for other sizes)")
-    patch = tuple(embed.patch_size)
-    if not strict and not getattr(embed, "dynamic_img_pad", False) and (x.shape[-2] % patch[0] or x.shape[-1] % patch[1]):
+    patch = tuple(spec["patch"])
+    if spec["dynamic"] and not spec["pad"] and (x.shape[-2] % patch[0] or x.shape[-1] % patch[1]):
         raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of the patch size {patch}")
     if not torch.isfinite(x).all():
         raise ValueError("images contain NaN or inf values")
@@ -39,9 +53,11 @@ def check_images(net: nn.Module, x: Any) -> None:
 class SpikingModel(nn.Module):
     """A converted ViT: ``simulate`` runs it for T steps; ``forward`` returns the mean output over T."""
 
-    def __init__(self, net: nn.Module, timesteps: int, options: Dict[str, Any], step_mode: str = "s") -> None:
+    def __init__(self, net: nn.Module, timesteps: int, options: Dict[str, Any], step_mode: str = "s",
+                 inputs: Optional[Dict[str, Any]] = None) -> None:
         super().__init__()
         self.net = net
+        self.inputs = inputs or input_spec(net)  # the images the network takes (see input_spec)
         self.timesteps = check_timesteps(timesteps)
         self.options = dict(options)
         if step_mode not in ("s", "m"):
@@ -55,7 +71,7 @@ class SpikingModel(nn.Module):
     def simulate(self, x: torch.Tensor, timesteps: Optional[int] = None) -> torch.Tensor:
         """[T, B, classes]: the running mean of the output after steps 1, 2, ..., T."""
         T = check_timesteps(self.timesteps if timesteps is None else timesteps)
-        check_images(self.net, x)
+        check_images(self.inputs, x)
         x = x.to(next(self.net.parameters()).device)
         out = run_steps(self.net, x, T, self.step_mode)
         steps = torch.arange(1, T + 1, dtype=out.dtype, device=out.device).reshape(-1, *([1] * (out.dim() - 1)))

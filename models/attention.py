@@ -1,22 +1,24 @@
-"""Spiking self-attention built from a timm ``Attention`` module's own layers (DESIGN section 4).
+"""Spiking scaled-dot-product attention: the core softmax(scale Q K^T + mask) V of any timm attention
+module, taken from the traced ``F.scaled_dot_product_attention`` call (DESIGN section 4).
 
-All variants share q, k, v = split(qkv(SN(x))), q_norm / k_norm kept, and
-out = proj(norm(attention(q, k, v))); they differ in ``attend``:
+The variants differ in ``attend``:
 
     ecm     s_q, s_k, s_v = SN(q), SN(k), SN(v)
-            A = SN(ECM_softmax(scale * ECM_product(s_q, s_k^T)));  out = ECM_product(A, s_v)
+            A = SN(ECM_softmax(scale * ECM_product(s_q, s_k^T) + mask));  out = ECM_product(A, s_v)
     psa     ecm with random masks on s_q, s_k and A: mask(x) = x * Bernoulli(1 - p), no rescaling
     ssa     Spikformer: Q, K, V = IF(q), IF(k), IF(v) in {0, 1};  out = 0.125 * Q K^T V at every step,
-            no softmax; proj's input neuron becomes a binary IF neuron: SN(0.125 Q K^T V)
+            no softmax; the neuron of the next Linear becomes a binary IF neuron: SN(0.125 Q K^T V)
     a2os2a  A2OS2A: Q = IF(q) in {0, 1}, K = ReLU(k) real >= 0, V = ternary(v) in {-1, 0, 1};
             out = Q K^T V at every step, no softmax, no scale: additions only
 
-The ViT's LayerNorms are kept (read through expectation compensation); there is no
-BatchNorm to fold. ssa and a2os2a compute their products step by step (as the papers
-do), so their mean output is not the ANN's: they need fine-tuning over T.
+The additive mask (relative position biases, Swin's shifted-window mask, ALiBi-style terms) is
+a constant or a linear function of the streams, added at every step before the softmax. ssa and
+a2os2a compute their products step by step (as the papers do), so their mean output is not the
+ANN's: they need fine-tuning over T, and they take no mask.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -25,15 +27,10 @@ from torch import nn
 from models.ecm import ExpectationCompensation, SpikeProduct
 from models.neurons import BaseNeuron, IFNeuron, TernaryNeuron
 from models.state import StatefulModule
+from models.synapse import StepProduct
 
 SPIKFORMER_SCALE = 0.125
-
-
-class StepProduct(nn.Module):
-    """A @ B at every step (no expectation compensation): with spike operands, only accumulations."""
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a @ b
+VARIANTS = ("ecm", "psa", "ssa", "a2os2a")
 
 
 class BernoulliMask(StatefulModule):
@@ -68,96 +65,84 @@ class BernoulliMask(StatefulModule):
         return f"p={self.p}, seed={self.seed}, {super().extra_repr()}"
 
 
-class AttentionBase(nn.Module):
-    """The shared projections: q, k, v from qkv, q_norm / k_norm, and proj(norm(.)) on the way out."""
+def additive_mask(mask: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """SDPA's mask as an additive term: a boolean mask (True = attend) becomes 0 / -inf."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros((), dtype=like.dtype, device=like.device).masked_fill(~mask, float("-inf"))
 
-    def __init__(self, attn: nn.Module, qkv: nn.Module, q_norm: nn.Module, k_norm: nn.Module, norm: nn.Module,
-                 proj: nn.Module) -> None:
+
+def causal_mask(n_q: int, n_k: int, like: torch.Tensor) -> torch.Tensor:
+    keep = torch.ones(n_q, n_k, dtype=torch.bool, device=like.device).tril(diagonal=n_k - n_q)
+    return additive_mask(keep, like)
+
+
+class SpikingSDPA(nn.Module):
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)`` on
+    spike streams, in one of the variants above."""
+
+    def __init__(self, variant: str, make_neuron: Callable[[bool], BaseNeuron], fixed_tokens: bool = True,
+                 mask_p: float = 0.0, seed: int = 0, constant: Tuple[bool, bool, bool] = (False, False, False)) -> None:
         super().__init__()
-        self.num_heads = attn.num_heads
-        self.head_dim = attn.head_dim
-        self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
-        self.scale = attn.scale
-        self.qkv, self.q_norm, self.k_norm, self.norm, self.proj = qkv, q_norm, k_norm, norm, proj
-        self.attn_drop = attn.attn_drop
-        self.proj_drop = attn.proj_drop
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown attention {variant!r}: use one of {', '.join(VARIANTS)}")
+        self.variant = variant
+        if variant in ("ecm", "psa"):
+            # a constant operand (a learned query, as in attention pooling) needs no neuron: its product is linear
+            self.q_neuron, self.k_neuron, self.v_neuron = (nn.Identity() if c else make_neuron(True) for c in constant)
+            self.qk = SpikeProduct()
+            self.softmax = ExpectationCompensation(nn.Softmax(dim=-1))
+            self.attn_neuron = make_neuron(False)
+            # its last axis is the key position: per-key thresholds only where the token count is fixed
+            self.attn_neuron.channelwise = fixed_tokens
+            self.av = SpikeProduct()
+            masks = [BernoulliMask(mask_p, seed + i) for i in range(3)] if mask_p > 0 else [nn.Identity()] * 3
+            self.q_mask, self.k_mask, self.attn_mask = masks
+        elif variant == "ssa":
+            self.q_neuron, self.k_neuron, self.v_neuron = IFNeuron(1), IFNeuron(1), IFNeuron(1)
+            self.qk, self.av = StepProduct(), StepProduct()
+        else:
+            self.q_neuron, self.k_act, self.v_neuron = IFNeuron(1), nn.ReLU(), TernaryNeuron()
+            self.qk, self.av = StepProduct(), StepProduct()
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def products(self) -> List[Tuple[nn.Module, Optional[BaseNeuron], Optional[BaseNeuron], bool]]:
-        """(product, neuron of A or None, neuron of B or None, B transposed) for operation counting."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError(f"{type(self).__name__} does not support attention masks or causal attention")
-        b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        x = self.attend(self.q_norm(q), self.k_norm(k), v)
-        x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
-        return self.proj_drop(self.proj(self.norm(x)))
-
-
-class SpikingAttention(AttentionBase):
-    """Softmax attention on spike streams, computed in expectation (``ecm``); with ``mask_p`` > 0, EST's
-    partial-information attention (``psa``)."""
-
-    def __init__(self, attn: nn.Module, make_neuron: Callable[[bool], BaseNeuron], fixed_tokens: bool = True,
-                 mask_p: float = 0.0, seed: int = 0, **layers) -> None:
-        super().__init__(attn, **layers)
-        self.q_neuron, self.k_neuron, self.v_neuron = make_neuron(True), make_neuron(True), make_neuron(True)
-        self.qk = SpikeProduct()
-        self.softmax = ExpectationCompensation(nn.Softmax(dim=-1))
-        self.attn_neuron = make_neuron(False)
-        # its last axis is the key position: per-key thresholds only where the token count is fixed
-        self.attn_neuron.channelwise = fixed_tokens
-        self.av = SpikeProduct()
-        masks = [BernoulliMask(mask_p, seed + i) for i in range(3)] if mask_p > 0 else [nn.Identity()] * 3
-        self.q_mask, self.k_mask, self.attn_mask = masks
-
-    def attend(self, q, k, v):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                enable_gqa: bool = False) -> torch.Tensor:
+        if enable_gqa and k.shape[-3] != q.shape[-3]:
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+        if self.variant in ("ssa", "a2os2a"):
+            if attn_mask is not None or is_causal:
+                raise ValueError(f"attention={self.variant} has no softmax to take an attention mask (relative "
+                                 f"position bias, shifted windows or causal mask): use attention=ecm or psa")
+            if self.variant == "ssa":
+                q, k, v = self.q_neuron(q), self.k_neuron(k), self.v_neuron(v)
+                return self.av(self.qk(q, k.transpose(-2, -1)), v) * SPIKFORMER_SCALE
+            q, k, v = self.q_neuron(q), self.k_act(k), self.v_neuron(v)
+            return self.av(self.qk(q, k.transpose(-2, -1)), v)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         q = self.q_mask(self.q_neuron(q))
         k = self.k_mask(self.k_neuron(k))
         v = self.v_neuron(v)
-        attn = self.qk(q, k.transpose(-2, -1)) * self.scale
-        attn = self.attn_mask(self.attn_neuron(self.attn_drop(self.softmax(attn))))
+        attn = self.qk(q, k.transpose(-2, -1)) * scale
+        if is_causal:
+            attn = attn + causal_mask(q.shape[-2], k.shape[-2], attn)
+        mask = additive_mask(attn_mask, attn)
+        if mask is not None:
+            attn = attn + mask
+        attn = self.attn_mask(self.attn_neuron(self.softmax(attn)))
         return self.av(attn, v)
 
-    def products(self):
-        return [(self.qk, self.q_neuron, self.k_neuron, True), (self.av, self.attn_neuron, self.v_neuron, False)]
+    def products(self) -> List[Tuple[nn.Module, Optional[BaseNeuron], Optional[BaseNeuron], bool]]:
+        """(product, neuron of A or None, neuron of B or None, B transposed) for operation counting."""
+        def spiking(n):
+            return n if isinstance(n, BaseNeuron) else None
+        if self.variant == "a2os2a":
+            return [(self.qk, self.q_neuron, None, True), (self.av, None, self.v_neuron, False)]
+        if self.variant == "ssa":
+            return [(self.qk, self.q_neuron, self.k_neuron, True), (self.av, None, self.v_neuron, False)]
+        return [(self.qk, spiking(self.q_neuron), spiking(self.k_neuron), True),
+                (self.av, self.attn_neuron, spiking(self.v_neuron), False)]
 
-
-class SpikformerAttention(AttentionBase):
-    """Spikformer's SSA: SN(0.125 Q K^T V) with binary Q, K, V, step by step, no softmax."""
-
-    def __init__(self, attn: nn.Module, **layers) -> None:
-        super().__init__(attn, **layers)
-        self.q_neuron, self.k_neuron, self.v_neuron = IFNeuron(1), IFNeuron(1), IFNeuron(1)
-        self.qk, self.av = StepProduct(), StepProduct()
-        if hasattr(self.proj, "neuron"):  # the SN of SN(s Q K^T V) is proj's input neuron, made binary
-            self.proj.neuron = IFNeuron(1)
-
-    def attend(self, q, k, v):
-        q, k, v = self.q_neuron(q), self.k_neuron(k), self.v_neuron(v)
-        return self.av(self.qk(q, k.transpose(-2, -1)), v) * SPIKFORMER_SCALE
-
-    def products(self):
-        return [(self.qk, self.q_neuron, self.k_neuron, True), (self.av, None, self.v_neuron, False)]
-
-
-class AdditionOnlyAttention(AttentionBase):
-    """A2OS2A: Q K^T V with binary Q, non-negative real K = ReLU(k) and ternary V, step by step."""
-
-    def __init__(self, attn: nn.Module, **layers) -> None:
-        super().__init__(attn, **layers)
-        self.q_neuron, self.k_act, self.v_neuron = IFNeuron(1), nn.ReLU(), TernaryNeuron()
-        self.qk, self.av = StepProduct(), StepProduct()
-
-    def attend(self, q, k, v):
-        q, k, v = self.q_neuron(q), self.k_act(k), self.v_neuron(v)
-        return self.av(self.qk(q, k.transpose(-2, -1)), v)
-
-    def products(self):
-        return [(self.qk, self.q_neuron, None, True), (self.av, None, self.v_neuron, False)]
+    def extra_repr(self) -> str:
+        return f"variant={self.variant}"

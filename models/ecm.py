@@ -3,17 +3,19 @@
 With S(t) = x(1) + ... + x(t) and m(t) = S(t) / t:
 
     ExpectationCompensation(f):  o(t) = t f(m(t)) - (t-1) f(m(t-1))
-    SpikeProduct (A @ B):        o(t) = S_A(t) S_B(t) / t - S_A(t-1) S_B(t-1) / (t-1)
+    SpikeProduct (A op B):       o(t) = op(S_A(t), S_B(t)) / t - op(S_A(t-1), S_B(t-1)) / (t-1)
 
-so the outputs up to t sum to t f(m(t)) (resp. t m_A(t) m_B(t)): the running mean of
-the output is f (resp. the product) of the running means of the inputs. At t = 1
-both are exactly f(x) and A @ B. The product's increment expands into spike-driven
-terms a(t) S_B(t-1) + S_A(t-1) b(t) + a(t) b(t), minus a rescaling of the previous
-product; it is computed here in the equivalent closed form.
+so the outputs up to t sum to t f(m(t)) (resp. t op(m_A(t), m_B(t))): the running mean
+of the output is f (resp. the product) of the running means of the inputs. f may take
+several streams (``streams``: their positions among the arguments; every other argument
+is a constant passed through). ``op`` is any bilinear operation (matmul, element-wise
+product, einsum). At t = 1 both are exactly f(x) and op(A, B). The product's increment
+expands into spike-driven terms a(t) S_B(t-1) + S_A(t-1) b(t) + a(t) b(t), minus a
+rescaling of the previous product; it is computed here in the equivalent closed form.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -21,55 +23,104 @@ from torch import nn
 from models.state import StatefulModule
 
 
-class ExpectationCompensation(StatefulModule):
-    """o(t) = t f(m(t)) - (t-1) f(m(t-1)) for any stateless module f (LayerNorm, GELU, softmax, ...)."""
+def _accumulate(total: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """total + x; in place (on an owned copy) unless autograd needs the previous total."""
+    if total is None:
+        return x.clone()  # owned: a later in-place change of the input must not reach the sum
+    return total + x if torch.is_grad_enabled() and (total.requires_grad or x.requires_grad) else total.add_(x)
 
-    def __init__(self, fn: nn.Module) -> None:
+
+def _map(fn, out):
+    return tuple(fn(o) for o in out) if isinstance(out, (tuple, list)) else fn(out)
+
+
+class Method:
+    """``Method("softmax")(x, -1)`` is ``x.softmax(-1)``: a traced tensor method as a plain callable."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, x, *args, **kwargs):
+        return getattr(x, self.name)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Tensor.{self.name}"
+
+
+class ExpectationCompensation(StatefulModule):
+    """o(t) = t f(m(t)) - (t-1) f(m(t-1)) for a stateless f (LayerNorm, GELU, softmax, F.normalize, ...).
+
+    ``streams``: positions of the arguments that are spike/activation streams (the others are constants)."""
+
+    def __init__(self, fn: Callable, streams: Sequence[int] = (0,)) -> None:
         super().__init__()
         self.fn = fn
+        self.streams = tuple(streams)
         self.reset()
 
     def reset(self) -> None:
         self.t = 0
-        self.sum: Optional[torch.Tensor] = None
-        self.total: Optional[torch.Tensor] = None  # t f(m(t)) of the previous step
+        self.sums: Optional[List[torch.Tensor]] = None
+        self.total = None  # t f(m(t)) of the previous step
 
-    def single_step(self, x: torch.Tensor) -> torch.Tensor:
+    def _means(self, args, means):
+        args = list(args)
+        for i, m in zip(self.streams, means):
+            args[i] = m
+        return args
+
+    def single_step(self, *args, **kwargs):
         self.t += 1
-        self.sum = x if self.sum is None else self.sum + x
-        total = self.fn(self.sum / self.t) * self.t
-        out = total if self.total is None else total - self.total
+        self.sums = [_accumulate(None if self.sums is None else s, args[i])
+                     for s, i in zip(self.sums or [None] * len(self.streams), self.streams)]
+        t = self.t
+        total = _map(lambda y: y * t, self.fn(*self._means(args, [s / t for s in self.sums]), **kwargs))
+        if self.total is None:
+            out = total
+        else:
+            out = tuple(a - b for a, b in zip(total, self.total)) if isinstance(total, tuple) else total - self.total
         self.total = total
         return out
 
-    def multi_step(self, x: torch.Tensor) -> torch.Tensor:
-        xs = self.unfold(x)
-        t = self.step_index(xs)
-        sums = torch.cumsum(xs, dim=0)
-        totals = self.unfold(self.fn(self.fold(sums / t))) * t  # not in place: softmax's backward needs its output
-        out = totals.clone()
-        out[1:] -= totals[:-1]
-        return self.fold(out)
+    def multi_step(self, *args, **kwargs):
+        first = self.unfold(args[self.streams[0]])
+        t = self.step_index(first)
+        means = [self.fold(torch.cumsum(self.unfold(args[i]), dim=0) / t) for i in self.streams]
+        out = self.fn(*self._means(args, means), **kwargs)
+
+        def difference(y):
+            totals = self.unfold(y)
+            totals = totals * self.step_index(totals)  # not in place: softmax's backward needs its output
+            diff = totals.clone()
+            diff[1:] -= totals[:-1]
+            return self.fold(diff)
+
+        return _map(difference, out)
+
+    def extra_repr(self) -> str:
+        fn = "" if isinstance(self.fn, nn.Module) else f"fn={self.fn!r}, "
+        return f"{fn}streams={self.streams}, {super().extra_repr()}"
 
 
 class SpikeProduct(StatefulModule):
-    """The product A @ B of two spike streams in expectation: mean output = m_A @ m_B."""
+    """A bilinear product ``op(A, B)`` of two streams in expectation: mean output = op(m_A, m_B)."""
 
-    def __init__(self) -> None:
+    def __init__(self, op: Callable = torch.matmul) -> None:
         super().__init__()
+        self.op = op
         self.reset()
 
     def reset(self) -> None:
         self.t = 0
         self.sum_a: Optional[torch.Tensor] = None
         self.sum_b: Optional[torch.Tensor] = None
-        self.prev: Optional[torch.Tensor] = None  # S_A S_B / t of the previous step
+        self.prev: Optional[torch.Tensor] = None  # op(S_A, S_B) / t of the previous step
 
     def single_step(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         self.t += 1
-        self.sum_a = a if self.sum_a is None else self.sum_a + a
-        self.sum_b = b if self.sum_b is None else self.sum_b + b
-        cur = (self.sum_a @ self.sum_b) / self.t
+        self.sum_a = _accumulate(self.sum_a, a)
+        self.sum_b = _accumulate(self.sum_b, b)
+        cur = self.op(self.sum_a, self.sum_b) / self.t
         out = cur if self.prev is None else cur - self.prev
         self.prev = cur
         return out
@@ -77,7 +128,11 @@ class SpikeProduct(StatefulModule):
     def multi_step(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         sa = torch.cumsum(self.unfold(a), dim=0)
         sb = torch.cumsum(self.unfold(b), dim=0)
-        cur = (sa @ sb).div_(self.step_index(sa))
+        cur = self.unfold(self.op(self.fold(sa), self.fold(sb)))
+        cur = cur / self.step_index(cur)
         out = cur.clone()
         out[1:] -= cur[:-1]
         return self.fold(out)
+
+    def extra_repr(self) -> str:
+        return f"op={getattr(self.op, '__name__', self.op)!r}, {super().extra_repr()}"

@@ -35,7 +35,8 @@ class BaseNeuron(StatefulModule):
         self.threshold = nn.Parameter(torch.tensor(float(threshold)), requires_grad=False)
         self.v_init = float(v_init)
         self.analog = False
-        self.channelwise = True  # a per-channel threshold along the last input axis is meaningful
+        self.channelwise = True  # a per-channel threshold is meaningful (the channel axis has a fixed size)
+        self.channel_axis = -1  # the channel axis of the input: -1 (features last) or 1 (NCHW, before a Conv)
         self.surrogate: Optional[Surrogate] = None  # set while fine-tuning
         self.u: Optional[torch.Tensor] = None
 
@@ -54,9 +55,16 @@ class BaseNeuron(StatefulModule):
         """(position, height) of every step of the staircase k(u), in increasing position."""
         raise NotImplementedError
 
+    def theta(self, like: torch.Tensor) -> torch.Tensor:
+        """The threshold shaped to broadcast against ``like`` (per-channel thresholds on ``channel_axis``)."""
+        theta = self.threshold.to(like.dtype)
+        if theta.dim() == 0 or self.channel_axis == -1:
+            return theta
+        return theta.reshape(-1, *([1] * (like.dim() - 1 - self.channel_axis)))
+
     def events(self, out: torch.Tensor) -> torch.Tensor:
         """Events per element of an output ``k * theta``: one per unit of |k|."""
-        return torch.floor((out / self.threshold).abs() + 0.5)
+        return torch.floor((out / self.theta(out)).abs() + 0.5)
 
     def reset(self) -> None:
         self.u = None
@@ -79,14 +87,14 @@ class BaseNeuron(StatefulModule):
     def single_step(self, x: torch.Tensor) -> torch.Tensor:
         if self.analog:
             return x if self.signed else torch.clamp(x, min=0)
-        theta = self.threshold.to(x.dtype)
+        theta = self.theta(x)
         self.u, k = self._integrate(self.u, x / theta)
         return k * theta
 
     def multi_step(self, x: torch.Tensor) -> torch.Tensor:
         if self.analog:
             return self.single_step(x)
-        theta = self.threshold.to(x.dtype)
+        theta = self.theta(x)
         xs = self.unfold(x / theta)
         out = []
         u = None  # one multi-step call covers steps 1..T from a reset state, like every stateful module

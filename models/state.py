@@ -40,8 +40,8 @@ class StatefulModule(nn.Module):
         t = torch.arange(1, self.timesteps + 1, dtype=like.dtype, device=like.device)
         return t.reshape(-1, *([1] * (like.dim() - 1)))
 
-    def forward(self, *args):
-        return self.multi_step(*args) if self.step_mode == "m" else self.single_step(*args)
+    def forward(self, *args, **kwargs):
+        return self.multi_step(*args, **kwargs) if self.step_mode == "m" else self.single_step(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"step_mode={self.step_mode}"

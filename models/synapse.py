@@ -1,11 +1,16 @@
-"""A Linear/Conv layer whose input is a spike stream: y(t) = W s(t) + b (+ c), s = neuron(x).
+"""Layers whose inputs are spike streams.
 
-``bias_shift`` c is the calibration's bias correction: it applies to the spiking
-network only, so analog mode (neurons as identity) still computes the ANN exactly.
+``SpikingSynapse``: a Linear/Conv layer (a module, or ``F.linear`` / ``F.conv2d`` with the
+weights passed as arguments) fed through a neuron, y(t) = W s(t) + b (+ c), s = neuron(x).
+``bias_shift`` c is the calibration's bias correction: it applies to the spiking network only,
+so analog mode (neurons as identity) still computes the ANN exactly.
+
+``SpikingProduct``: a product of two activation streams (Q K^T, A V, a SwiGLU gate) with a
+neuron on each operand, computed in expectation (``SpikeProduct``) or step by step.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -13,18 +18,61 @@ from torch import nn
 from models.neurons import BaseNeuron
 
 
-class SpikingSynapse(nn.Module):
-    """``layer(neuron(x)) + bias_shift``: every input the layer sees is in the neuron's spike alphabet."""
+def dense_macs(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+    """MACs of one dense pass of a Linear (weight [out, in]) or ConvNd (weight [out, in / groups, *kernel])."""
+    if weight.dim() == 2:
+        return float(x.numel() // weight.shape[1] * weight.numel())
+    return float(y.numel() * weight[0].numel())
 
-    def __init__(self, neuron: BaseNeuron, layer: nn.Module) -> None:
+
+class SpikingSynapse(nn.Module):
+    """``layer(neuron(x), *args) + bias_shift``: every input the layer sees is in the neuron's spike alphabet."""
+
+    def __init__(self, neuron: BaseNeuron, layer: Union[nn.Module, Callable]) -> None:
         super().__init__()
         self.neuron = neuron
         self.layer = layer
         self.bias_shift: Optional[torch.Tensor]
         self.register_buffer("bias_shift", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.layer(self.neuron(x))
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.layer(self.neuron(x), *args, **kwargs)
         if self.bias_shift is not None and not self.neuron.analog:
-            y = y + (self.bias_shift[:, None, None] if y.dim() == 4 else self.bias_shift)
+            y = y + (self.bias_shift.reshape(-1, *([1] * (y.dim() - 2))) if self.channel_first(y) else self.bias_shift)
         return y
+
+    def channel_first(self, y: torch.Tensor) -> bool:
+        """Outputs of convolutions keep channels on axis 1; Linear outputs keep them last."""
+        return not isinstance(self.layer, nn.Linear) and self.layer is not torch.nn.functional.linear and y.dim() > 2
+
+    def layer_weight(self, args: tuple) -> torch.Tensor:
+        """The weight of the layer: its own, or (``F.linear`` / ``F.conv2d``) the first argument after the input."""
+        return self.layer.weight if isinstance(self.layer, nn.Module) else args[0]
+
+
+class StepProduct(nn.Module):
+    """``op(A, B)`` at every step (no expectation compensation): with spike operands, only accumulations."""
+
+    def __init__(self, op: Callable = torch.matmul) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.op(a, b)
+
+
+class SpikingProduct(nn.Module):
+    """``product(neuron_a(a), neuron_b(b))``: a product of two activation streams fed with spikes."""
+
+    def __init__(self, neuron_a: Optional[BaseNeuron], neuron_b: Optional[BaseNeuron], product: nn.Module) -> None:
+        super().__init__()
+        self.neuron_a, self.neuron_b, self.product = neuron_a, neuron_b, product
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a = a if self.neuron_a is None else self.neuron_a(a)
+        b = b if self.neuron_b is None else self.neuron_b(b)
+        return self.product(a, b)
+
+    def products(self) -> List[Tuple[nn.Module, Optional[BaseNeuron], Optional[BaseNeuron], bool]]:
+        """(product, neuron of A, neuron of B, B transposed) for operation counting."""
+        return [(self.product, self.neuron_a, self.neuron_b, False)]

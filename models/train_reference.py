@@ -1,6 +1,6 @@
-"""Train the embedded reference model ``vit_fmnist`` on Fashion-MNIST.
+"""Train a Fashion-MNIST reference model (models.zoo.FMNIST_MODELS; default the embedded ``vit_fmnist``).
 
-    python -m models.train_reference [--epochs 40] [--out models/assets/vit_fmnist.safetensors]
+    python -m models.train_reference [--model vit_fmnist] [--epochs 40] [--out models/assets/<model>.safetensors]
 
 Recipe: AdamW (lr 2e-3, weight decay 0.05, batch 128), one warm-up epoch then
 cosine decay, cross-entropy, random horizontal flip and (``--crop``) a random
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from models.data import BUNDLED_FMNIST, DEBIAN_FMNIST, _fmnist_folder, fashion_mnist, read_idx, FMNIST_FILES
-from models.zoo import REFERENCE_WEIGHTS, vit_fmnist
+from models.zoo import ASSETS, FMNIST_MODELS
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, crop: bool) -> torch.Tensor:
@@ -44,14 +44,16 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     return 100.0 * correct / len(x)
 
 
-def train(epochs: int, out: Path, seed: int = 0, crop: bool = False, batch: int = 128, lr: float = 2e-3) -> None:
+def train(name: str, epochs: int, out: Path, seed: int = 0, crop: bool = False, batch: int = 128,
+          lr: float = 2e-3) -> None:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     train_set = fashion_mnist("train").dataset
     test_set = fashion_mnist("test").dataset
     xtr, ytr = train_set.tensors
     xte, yte = test_set.tensors
-    model = vit_fmnist()
+    cls, kwargs = FMNIST_MODELS[name]
+    model = cls(**kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps_per_epoch = len(xtr) // batch
     total, warmup = epochs * steps_per_epoch, steps_per_epoch
@@ -93,16 +95,17 @@ def bundle_subset(n: int = 1000) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_fmnist", choices=sorted(FMNIST_MODELS))
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=REFERENCE_WEIGHTS)
+    parser.add_argument("--out", type=Path, default=None, help="default models/assets/<model>.safetensors")
     parser.add_argument("--crop", action="store_true", help="also translate images by up to 2 pixels")
     parser.add_argument("--bundle-subset", action="store_true")
     args = parser.parse_args()
     if args.bundle_subset:
         bundle_subset()
     else:
-        train(args.epochs, args.out, args.seed, args.crop)
+        train(args.model, args.epochs, args.out or ASSETS / f"{args.model}.safetensors", args.seed, args.crop)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ from typing import Dict, Optional
 import timm
 import torch
 from timm.models import register_model
+from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
+
+from models.architecture import describe
 
 ALIASES: Dict[str, str] = {
     "vit_tiny": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
@@ -25,22 +28,53 @@ ALIASES: Dict[str, str] = {
     "deit_base": "deit_base_patch16_224.fb_in1k",
 }
 
-REFERENCE_WEIGHTS = Path(__file__).parent / "assets" / "vit_fmnist.safetensors"
+ASSETS = Path(__file__).parent / "assets"
+REFERENCE_WEIGHTS = ASSETS / "vit_fmnist.safetensors"
 
-# The embedded reference model: torchvision's ViT layout (class token, token
-# pooling, qkv bias, LayerNorm eps 1e-6), sized for 28x28 grey images.
-VIT_FMNIST_ARGS = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=96, depth=4,
-                       num_heads=4, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token")
+# The Fashion-MNIST reference models (28x28 grey images, 10 classes), each trained by
+# ``python -m models.train_reference --model NAME`` and shipped in models/assets/NAME.safetensors.
+# vit_fmnist, the embedded default, keeps torchvision's ViT layout (class token, token pooling, qkv bias,
+# LayerNorm eps 1e-6). The others differ in what the defaults must generalise over: the token count and
+# the class token (vit_fmnist_p4), pooling without class token (vit_fmnist_gap), and another family
+# (swin_fmnist: windows, shifted-window masks, relative position bias, patch merging).
+FMNIST_MODELS: Dict[str, tuple] = {
+    "vit_fmnist": (VisionTransformer, dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=96,
+                                           depth=4, num_heads=4, mlp_ratio=4.0, qkv_bias=True, class_token=True,
+                                           global_pool="token")),
+    "vit_fmnist_p4": (VisionTransformer, dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96,
+                                              depth=4, num_heads=4, mlp_ratio=4.0, class_token=True,
+                                              global_pool="token")),
+    "vit_fmnist_gap": (VisionTransformer, dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=96,
+                                               depth=4, num_heads=4, mlp_ratio=4.0, class_token=False,
+                                               global_pool="avg")),
+    "swin_fmnist": (SwinTransformer, dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, window_size=7,
+                                          embed_dim=48, depths=(2, 2), num_heads=(2, 4), mlp_ratio=4.0)),
+}
+VIT_FMNIST_ARGS = FMNIST_MODELS["vit_fmnist"][1]
 
 
-@register_model
-def vit_fmnist(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Small ViT (4 blocks, dim 96, 4 heads, patch 7: 16 patches + class token) trained on Fashion-MNIST."""
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
-    model = VisionTransformer(**{**VIT_FMNIST_ARGS, **kwargs})
-    if pretrained:
-        load_weights(model, REFERENCE_WEIGHTS)
-    return model
+def _fmnist_entrypoint(name: str):
+    cls, defaults = FMNIST_MODELS[name]
+
+    def entrypoint(pretrained: bool = False, **kwargs) -> torch.nn.Module:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
+        model = cls(**{**defaults, **kwargs})
+        if pretrained:
+            weights = ASSETS / f"{name}.safetensors"
+            if not weights.is_file():
+                raise FileNotFoundError(f"no weights for {name} in {ASSETS}: train them with "
+                                        f"python -m models.train_reference --model {name}")
+            load_weights(model, weights)
+        return model
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = f"{cls.__name__} trained on Fashion-MNIST ({', '.join(f'{k}={v}' for k, v in defaults.items())})."
+    entrypoint.__module__ = __name__
+    return register_model(entrypoint)
+
+
+for _name in FMNIST_MODELS:
+    globals()[_name] = _fmnist_entrypoint(_name)
 
 
 def resolve_name(name: str) -> str:
@@ -118,26 +152,13 @@ def create_ann(name: str, checkpoint: Optional[str] = None, pretrained: bool = T
                 f"or pass --checkpoint FILE (.safetensors or a torch state dict)") from None
     else:
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
-    source = str(checkpoint) if checkpoint else (f"timm:{timm_name}" if pretrained else "random init")
-    model.architecture = {"name": timm_name.split(".")[0], "kwargs": dict(kwargs), "source": source}
+    model.weights_source = str(checkpoint) if checkpoint else (f"timm:{timm_name}" if pretrained else "random init")
     return model.eval()
 
 
 def architecture_of(model: torch.nn.Module) -> Optional[dict]:
-    """How to rebuild ``model`` with timm (name, keyword arguments, weight source), or None if unknown.
-
-    Known for models from ``create_ann``; for other timm models, the pretrained config's
-    architecture with the model's class count, accepted only if it rebuilds the same tensors."""
-    spec = getattr(model, "architecture", None)
-    if spec is not None:
-        return spec
-    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    if not arch or not timm.is_model(arch):
+    """How to rebuild ``model`` (models.architecture.describe) and where its weights came from, or None."""
+    spec = describe(model)
+    if spec is None:
         return None
-    spec = {"name": arch, "kwargs": {"num_classes": getattr(model, "num_classes", 1000)},
-            "source": f"timm:{arch} (weights given in memory)"}
-    with torch.device("meta"):
-        rebuilt = timm.create_model(arch, pretrained=False, **spec["kwargs"])
-    mine = {k: v.shape for k, v in model.state_dict().items()}
-    theirs = {k: v.shape for k, v in rebuilt.state_dict().items()}
-    return spec if mine == theirs else None
+    return {**spec, "source": getattr(model, "weights_source", "weights given in memory")}

@@ -17,7 +17,8 @@ CONFIGS = {
     "register_tokens": dict(reg_tokens=2),
     "qk_norm": dict(qk_norm=True),
     "layer_scale": dict(init_values=0.5),
-    "fc_norm": dict(fc_norm=True),
+    "norm_before_avg_pool": dict(global_pool="avg", fc_norm=False),  # LayerNorm per token, then the mean
+    "max_pool": dict(class_token=False, global_pool="max"),
     "pre_norm": dict(pre_norm=True),
     "no_qkv_bias": dict(qkv_bias=False),
     "relu_mlp": dict(act_layer=nn.ReLU),

@@ -25,7 +25,7 @@ def test_torchvision_port_reproduces_the_ann(model):
 
 @pytest.mark.parametrize("config, message", [("qk_norm", "plain pre-norm block"), ("layer_scale", "plain pre-norm"),
                                              ("avg_pool_no_cls", "no class-token pooling"),
-                                             ("register_tokens", "register tokens"), ("fc_norm", "fc-norm"),
+                                             ("register_tokens", "register tokens"), ("pre_norm", "fc-norm"),
                                              ("gelu_tanh", "exact GELU")])
 def test_torchvision_port_names_what_differs(config, message):
     with pytest.raises(ValueError, match=message):

@@ -42,7 +42,7 @@ def test_running_mean_is_f_of_running_mean(name):
     assert torch.allclose(mean_out, expected, atol=1e-5, rtol=1e-5)
     reset_net(ecm)
     set_step_mode(ecm, "m", T)
-    multi = ecm(xs.reshape(T * 4, 6)).reshape(T, 4, 6)
+    multi = ecm(xs.reshape(T * 4, 6)).reshape(outs.shape)
     assert torch.allclose(multi, outs, atol=1e-5)
 
 

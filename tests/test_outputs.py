@@ -61,11 +61,28 @@ def test_bad_checkpoints_name_the_file(tmp_path):
         load(newer)
 
 
-def test_unknown_architecture_cannot_be_saved(tmp_path):  # built from VisionTransformer(act_layer=nn.ReLU)
+class Wrapped(torch.nn.Module):
+    """A model class timm does not know: how it was built cannot be recorded."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        return self.vit(x)
+
+
+def test_unknown_architecture_cannot_be_saved_unless_given(tmp_path):
     from tests.conftest import build
     x = torch.randn(2, 3, 16, 16)
-    with pytest.raises(ValueError, match="architecture is unknown"):
-        save(convert(build("relu_mlp"), x, timesteps=2, progress=False), tmp_path / "s.safetensors")
+    ann = Wrapped(build("relu_mlp"))
+    with pytest.raises(ValueError, match="how the ANN was built is unknown"):
+        save(convert(ann, x, timesteps=2, progress=False), tmp_path / "s.safetensors")
+    assert not list(tmp_path.iterdir())
+    spec = {"class": f"{__name__}:Wrapped"}  # outside the modules a checkpoint may name: refused at load
+    snn = convert(ann, x, timesteps=2, progress=False, architecture=spec)
+    with pytest.raises(ValueError, match="outside the modules a checkpoint may use"):
+        load(save(snn, tmp_path / "s.safetensors"))
 
 
 def test_energy_counts_match_a_hand_count():
@@ -94,8 +111,8 @@ def test_energy_counts_match_a_hand_count():
     # SNN: synapse SOPs = events x fan-out, per image (events were recorded over both images, T steps)
     fan_out = {f"{n}.neuron": m.layer.out_features for n, m in snn.net.named_modules() if isinstance(m, SpikingSynapse)}
     sops_syn = sum(events[n] * f for n, f in fan_out.items()) / 2
-    sops_prod = (events["blocks.0.attn.q_neuron"] * N + events["blocks.0.attn.k_neuron"] * N
-                 + events["blocks.0.attn.attn_neuron"] * D + events["blocks.0.attn.v_neuron"] * N) / 2
+    sops_prod = (events["blocks.0.attn.attend.q_neuron"] * N + events["blocks.0.attn.attend.k_neuron"] * N
+                 + events["blocks.0.attn.attend.attn_neuron"] * D + events["blocks.0.attn.attend.v_neuron"] * N) / 2
     assert report["snn_sops"] == pytest.approx(sops_syn + sops_prod)
     snn_macs = T * (64 * D + ann_nonlinear + N * N + N * D)  # first layer, ECM, rescaling of QK^T and AV
     assert report["snn_macs"] == pytest.approx(snn_macs)

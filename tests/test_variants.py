@@ -8,7 +8,7 @@ from torch.overrides import TorchFunctionMode
 
 from convert import convert, energy_report, finetune, load, save
 from convert.finetune import TimeAveraged
-from models.attention import AttentionBase
+from models.attention import SpikingSDPA
 from models.state import run_steps
 from tests.conftest import build
 
@@ -31,6 +31,11 @@ def _record(net, modules):
     return seen, handles
 
 
+def _cores(net):
+    """(attention core, the attention module holding it) for every attention of the network."""
+    return [(m, net.get_submodule(n.rpartition(".")[0])) for n, m in net.named_modules() if isinstance(m, SpikingSDPA)]
+
+
 def _levels(values, neuron):
     """Integer levels k of a neuron's output k * theta (per-channel thresholds along the last axis)."""
     return values / neuron.threshold
@@ -40,9 +45,9 @@ def _levels(values, neuron):
 @pytest.mark.parametrize("config", VARIANT_CONFIGS)
 def test_ssa_spikes_are_binary_at_every_step(config, step_mode):
     snn = convert(build(config), _images(), timesteps=4, attention="ssa", step_mode=step_mode, progress=False)
-    attns = [m for m in snn.net.modules() if isinstance(m, AttentionBase)]
-    neurons = [(f"{i}{r}", getattr(a, f"{r}_neuron")) for i, a in enumerate(attns) for r in "qkv"]
-    neurons += [(f"{i}out", a.proj.neuron) for i, a in enumerate(attns)]
+    cores = _cores(snn.net)
+    neurons = [(f"{i}{r}", getattr(a, f"{r}_neuron")) for i, (a, _) in enumerate(cores) for r in "qkv"]
+    neurons += [(f"{i}out", attn.proj.neuron) for i, (_, attn) in enumerate(cores)]
     seen, handles = _record(snn.net, neurons)
     snn.simulate(_images(3))
     for h in handles:
@@ -57,7 +62,7 @@ def test_ssa_spikes_are_binary_at_every_step(config, step_mode):
 @pytest.mark.parametrize("config", VARIANT_CONFIGS)
 def test_a2os2a_value_sets_at_every_step(config, step_mode):
     snn = convert(build(config), _images(), timesteps=4, attention="a2os2a", step_mode=step_mode, progress=False)
-    attns = [m for m in snn.net.modules() if isinstance(m, AttentionBase)]
+    attns = [a for a, _ in _cores(snn.net)]
     mods = [(f"{i}q", a.q_neuron) for i, a in enumerate(attns)] + [(f"{i}k", a.k_act) for i, a in enumerate(attns)] \
         + [(f"{i}v", a.v_neuron) for i, a in enumerate(attns)]
     seen, handles = _record(snn.net, mods)
@@ -122,7 +127,7 @@ def test_psa_masks_repeat_exactly_and_differ_between_steps():
     psa = convert(build("cls_token"), x, timesteps=6, attention="psa", mask_p=0.5, progress=False)
     assert torch.equal(psa.simulate(x), psa.simulate(x))
     masks = []
-    mask = psa.net.blocks[0].attn.q_mask
+    mask = psa.net.blocks[0].attn.attend.q_mask
     handle = mask.register_forward_hook(lambda m, i, o: masks.append((o == 0) & (i[0] != 0)))
     psa.simulate(x, timesteps=2)
     handle.remove()

@@ -1,0 +1,84 @@
+"""Every timm transformer family, through the one general rewrite: a tiny random-weight instance of each."""
+
+import pytest
+import torch
+
+from calibration import analog_mode
+from convert import convert, load, save
+from models.families import TINY, tiny
+from models.neurons import BaseNeuron
+from models.state import run_steps
+from models.synapse import SpikingProduct, SpikingSynapse
+
+FAMILIES = sorted(TINY)
+# deep stacks of non-linear stages (convolutional stems and MBConv stages) settle more slowly
+HORIZON = {"tiny_vit": 256}
+
+
+def images(size: int, n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def rel_err(per_step, ref):
+    return ((per_step - ref).flatten(1).norm(dim=1) / ref.norm()).tolist()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_analog_mode_is_the_ann_and_the_snn_converges_as_one_over_t(name):
+    """Neurons as identities give the ANN (1e-5); spiking, the error falls roughly as 1/T on the images the
+    max thresholds were calibrated on (nothing clipped: the design's convergence property)."""
+    ann, size = tiny(name)
+    x = images(size, 4, seed=1)
+    with torch.no_grad():
+        ref = ann(x)
+    T = HORIZON.get(name, 64)
+    snn = convert(ann, x, timesteps=T, calibration="max", progress=False, step_mode="m")
+    with analog_mode(snn.net), torch.no_grad():
+        torch.testing.assert_close(snn.net(x), ref, atol=1e-5, rtol=1e-4)
+    err = rel_err(snn.simulate(x), ref)
+    assert err[T - 1] < 0.1 and err[T - 1] < 0.35 * err[T // 8 - 1] and err[T // 8 - 1] < err[0], \
+        (err[0], err[T // 8 - 1], err[T - 1])
+
+
+def _spike_checks(net):
+    """Hooks asserting that every Linear / Conv input and every product operand is k * theta with k in the
+    neuron's levels; returns the handles and the list of checked call counts."""
+    checked = []
+
+    def check(neuron, what):
+        def hook(module, inputs, output):
+            k = output / neuron.theta(output)
+            assert torch.allclose(k, k.round(), atol=1e-4), what
+            assert set(k.round().unique().int().tolist()) <= set(neuron.levels()), what
+            checked.append(what)
+        return hook
+
+    handles = []
+    for name, m in net.named_modules():
+        if isinstance(m, SpikingSynapse):
+            handles.append(m.neuron.register_forward_hook(check(m.neuron, name)))
+        elif isinstance(m, SpikingProduct):
+            for n in (m.neuron_a, m.neuron_b):
+                handles.append(n.register_forward_hook(check(n, name)))
+    return handles, checked
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_spikes_step_mode_and_checkpoint(name, tmp_path):
+    """Every Linear input and product operand is a spike (levels=2), step mode equals multi-step mode, and the
+    SNN saves and loads back bitwise (rebuilt from the recorded timm name and arguments)."""
+    ann, size = tiny(name)
+    x = images(size, 4, seed=2)
+    snn = convert(ann, x, timesteps=3, levels=2, progress=False)
+    assert any(isinstance(m, BaseNeuron) for m in snn.net.modules())
+    handles, checked = _spike_checks(snn.net)
+    with torch.no_grad():
+        step = run_steps(snn.net, x, 3, "s")
+    for h in handles:
+        h.remove()
+    synapses = sum(isinstance(m, SpikingSynapse) for m in snn.net.modules())
+    assert synapses > 0 and len(checked) >= 3 * synapses
+    with torch.no_grad():
+        torch.testing.assert_close(run_steps(snn.net, x, 3, "m"), step, atol=1e-5, rtol=1e-5)
+    back = load(save(snn, tmp_path / "snn.safetensors"))
+    assert torch.equal(back.simulate(x), snn.simulate(x))
