@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 from typing import Dict, Iterable, Optional
 
+import torch
 from torch import nn
 
 from calibration.corrections import bias_correction, firing_rates
@@ -18,11 +19,16 @@ __all__ = ["calibrate", "collect_statistics", "choose_thresholds", "expected_err
 CORRECTIONS = ("none", "bias")
 
 
-def calibrate(net: nn.Module, data: Iterable, method: str = "percentile", percentile: float = 99.99,
+def calibrate(net: nn.Module, data: Iterable, method: str = "mse", percentile: float = 99.99,
               timesteps: int = 16, num_images: Optional[int] = None, per_channel: bool = False,
-              correction: str = "none", step_mode: str = "s", progress: bool = True) -> Dict[str, dict]:
+              correction: str = "none", step_mode: str = "s", progress: bool = True, prefix_tokens: int = 0,
+              tokens: Optional[int] = None) -> Dict[str, dict]:
     """Set every neuron's threshold in ``net`` from statistics on ``data``, then apply ``correction``.
 
+    ``prefix_tokens`` P (class, register, distillation tokens) and ``tokens`` (the model's token count): a
+    neuron whose input runs along the token axis gets thresholds of shape [P + 1, ...], one row per prefix
+    token and one for the other tokens (prefix tokens carry activations far above the patches'); a prefix
+    row is never below the other tokens' row.
     Returns a per-layer report: threshold, clipped share, expected error, firing rate on the
     first calibration batch, and the bias shift of the correction."""
     if method not in METHODS:
@@ -37,22 +43,30 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "percentile", percen
         warnings.warn(f"only {seen} calibration images available (asked for {num_images}); calibrating on {seen}",
                       stacklevel=3)
     mine = _rank_shard(batches)
-    hists = collect_statistics(net, mine, per_channel=per_channel, progress=progress)
+    hists = collect_statistics(net, mine, per_channel=per_channel, progress=progress, prefix_tokens=prefix_tokens,
+                               tokens=tokens)
     report = {}
     for name, module in net.named_modules():
         if not isinstance(module, BaseNeuron):
             continue
         if name not in hists:
             raise ValueError(f"neuron {name} saw no input during calibration: is it on the model's forward path?")
-        hist = hists[name]
-        theta = choose_thresholds(hist, method, module.max_level, module.signed, percentile, timesteps)
+        parts = [choose_thresholds(h, method, module.max_level, module.signed, percentile, timesteps)
+                 for h in hists[name]]
+        # a prefix token's row only widens the range: it rests on one value per image, the other tokens' row
+        # on many, so alone it is a poor guard against clipping on images not seen here
+        parts = [torch.maximum(p, parts[-1]) for p in parts]
+        # [P + 1, C] (or [P + 1, 1]) rows per token group; one group: a scalar or [C] as before
+        theta = parts[0] if len(parts) == 1 else torch.stack([p.reshape(-1) for p in parts])
         module.threshold = nn.Parameter(theta.to(module.threshold.device), requires_grad=False)
         report[name] = {
             "threshold": theta.tolist(),
-            "max_input": hist.maximum(module.signed).tolist() if hist.channels else float(hist.maximum(module.signed)[0]),
-            "clipped": float(hist.fraction_above(theta.double() * module.max_level, module.signed).mean()),
-            "expected_error": float(expected_error(hist, theta.reshape(-1).numpy(), module.max_level, timesteps,
-                                                   module.signed).mean()),
+            "max_input": max(float(h.maximum(module.signed).max()) for h in hists[name]),
+            "clipped": _mean([float(h.fraction_above(p.double().reshape(-1) * module.max_level, module.signed).mean())
+                              for h, p in zip(hists[name], parts)], hists[name]),
+            "expected_error": _mean([float(expected_error(h, p.reshape(-1).numpy(), module.max_level, timesteps,
+                                                          module.signed).mean())
+                                     for h, p in zip(hists[name], parts)], hists[name]),
         }
     if correction == "bias":
         for name, shift in bias_correction(net, mine, timesteps, step_mode, progress).items():
@@ -60,6 +74,12 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "percentile", percen
     for name, rate in firing_rates(net, batches[:1], timesteps, step_mode).items():
         report[name]["firing_rate"] = rate
     return report
+
+
+def _mean(values, hists) -> float:
+    """The mean over token groups, weighted by how many values each group saw."""
+    weights = [float(h.count.sum()) for h in hists]
+    return sum(v * w for v, w in zip(values, weights)) / max(1.0, sum(weights))
 
 
 def _rank_shard(batches):

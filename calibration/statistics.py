@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Dict, Iterable, Iterator, Optional
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -155,11 +155,22 @@ def analog_mode(net: nn.Module):
         reset_net(net)
 
 
+def token_groups(x: torch.Tensor, prefix_tokens: int, tokens: Optional[int]) -> List[torch.Tensor]:
+    """A neuron's input split by token: the prefix tokens (class, register, distillation) one by one, then the
+    rest, where the input has the model's token axis (second to last, of length ``tokens``); else [x]."""
+    if not prefix_tokens or tokens is None or x.dim() < 3 or x.shape[-2] != tokens:
+        return [x]
+    return [x[..., i, :] for i in range(prefix_tokens)] + [x[..., prefix_tokens:, :]]
+
+
 def collect_statistics(net: nn.Module, batches: Iterable[torch.Tensor], bins: int = 2048, per_channel: bool = False,
-                       progress: bool = True) -> Dict[str, RunningHistogram]:
-    """Run ``net`` in analog mode over image batches; one histogram of the input of each neuron."""
+                       progress: bool = True, prefix_tokens: int = 0,
+                       tokens: Optional[int] = None) -> Dict[str, List[RunningHistogram]]:
+    """Run ``net`` in analog mode over image batches; histograms of the input of each neuron: one, or (with
+    ``prefix_tokens`` P > 0, for inputs along the model's ``tokens`` axis) one per prefix token and one for
+    the other tokens."""
     names = {m: name for name, m in net.named_modules() if isinstance(m, BaseNeuron)}
-    hists: Dict[str, RunningHistogram] = {}
+    hists: Dict[str, List[RunningHistogram]] = {}
 
     def hook(module, inputs):
         x = inputs[0]
@@ -167,11 +178,18 @@ def collect_statistics(net: nn.Module, batches: Iterable[torch.Tensor], bins: in
         if not torch.isfinite(x).all():
             raise ValueError(f"non-finite activations (NaN or inf) at the input of {name}: "
                              f"check the model weights and the input images")
-        if per_channel and module.channelwise and module.channel_axis != -1:
+        channels_last = module.channel_axis == -1
+        if per_channel and module.channelwise and not channels_last:
             x = x.movedim(module.channel_axis, -1)  # the histogram's rows are channels of the last axis
+        groups = token_groups(x, prefix_tokens if channels_last else 0, tokens)
         if name not in hists:
-            hists[name] = RunningHistogram(bins, x.shape[-1] if per_channel and module.channelwise else None)
-        hists[name].update(x)
+            channels = x.shape[-1] if per_channel and module.channelwise else None
+            hists[name] = [RunningHistogram(bins, channels) for _ in groups]
+        if len(groups) != len(hists[name]):
+            raise ValueError(f"the input of {name} changed shape during calibration ({tuple(x.shape)}): calibrate "
+                             f"on images of one size")
+        for hist, part in zip(hists[name], groups):
+            hist.update(part)
 
     seen = 0
     with analog_mode(net), torch.no_grad():
@@ -187,5 +205,6 @@ def collect_statistics(net: nn.Module, batches: Iterable[torch.Tensor], bins: in
     if seen == 0:
         raise ValueError("calibration data is empty: pass at least one image")
     for name in sorted(hists):
-        hists[name].merge_ranks()
+        for hist in hists[name]:
+            hist.merge_ranks()
     return hists

@@ -17,29 +17,56 @@ def rel_err(per_step, ref):
 
 
 # post-norm blocks feed the un-normalised residual stream (wide range) to the neurons: slower convergence
-HORIZON = {"res_post_block": 256}
+HORIZON = {"res_post_block": 128}
 
 
-@pytest.mark.parametrize("name", ALL_CONFIGS)
-def test_snn_converges_to_ann(name, images):
-    ann = build(name)
+def unseen(n=6, seed=7):
+    """Images the thresholds were not calibrated on."""
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def calibration_images(n=64, seed=3):
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name, calibration", [(n, "mse") for n in ALL_CONFIGS] + [
+    (n, "max") for n in ("cls_token", "avg_pool_no_cls", "register_tokens", "relu_mlp")])
+def test_snn_converges_to_ann_on_unseen_images(name, calibration):
+    """Calibrated on 64 images for T, evaluated on 6 others: the error at T is a fraction of the error at T/8 (the
+    default mse thresholds are chosen for T; a prefix token's row never narrows the range)."""
+    ann, x = build(name), unseen()
     with torch.no_grad():
-        ref = ann(images)
+        ref = ann(x)
     T = HORIZON.get(name, 64)
-    snn = convert(ann, images, timesteps=T, calibration="max", progress=False, step_mode="m")
-    err = rel_err(snn.simulate(images), ref)
-    assert err[-1] < 0.1, err[-1]
-    assert err[-1] < 0.5 * err[T // 8 - 1] and err[T // 8 - 1] < err[0]
+    snn = convert(ann, calibration_images(), timesteps=T, calibration=calibration, progress=False, step_mode="m")
+    err = rel_err(snn.simulate(x), ref)
+    assert err[T - 1] < (0.3 if name in HORIZON else 0.1) and err[T - 1] < 0.4 * err[T // 8 - 1], \
+        (err[T // 8 - 1], err[T - 1])
+
+
+@pytest.mark.parametrize("neuron, levels", [("signed_if", 1), ("signed_if", 2), ("signed_if", 4),
+                                            ("multi_threshold", 4), ("multi_threshold", 8)])
+@pytest.mark.parametrize("name", ["cls_token", "avg_pool_no_cls", "relu_mlp"])
+def test_every_signed_neuron_converges_with_the_defaults(name, neuron, levels):
+    """Default thresholds for T=32, unseen images: the error at 32 is a fraction of the error at 4, for every
+    neuron that can represent signed values (binary IF and the ternary neuron cannot, by design)."""
+    ann, x = build(name), unseen()
+    with torch.no_grad():
+        ref = ann(x)
+    snn = convert(ann, calibration_images(), timesteps=32, neuron=neuron, levels=levels, progress=False,
+                  step_mode="m")
+    err = rel_err(snn.simulate(x), ref)
+    assert err[31] < 0.2 and (err[31] < 0.5 * err[3] or err[31] < 0.05), (err[3], err[31])
 
 
 @pytest.mark.parametrize("levels", [2, 4])
-def test_more_levels_converge_faster(levels, images):
-    ann = build("cls_token")
+def test_more_levels_converge_faster(levels):
+    ann, x = build("cls_token"), unseen()
     with torch.no_grad():
-        ref = ann(images)
-    one = convert(ann, images, timesteps=16, calibration="max", progress=False, step_mode="m")
-    many = convert(ann, images, timesteps=16, calibration="max", levels=levels, progress=False, step_mode="m")
-    assert rel_err(many.simulate(images), ref)[15] < rel_err(one.simulate(images), ref)[15]
+        ref = ann(x)
+    one = convert(ann, calibration_images(), timesteps=16, progress=False, step_mode="m")
+    many = convert(ann, calibration_images(), timesteps=16, levels=levels, progress=False, step_mode="m")
+    assert rel_err(many.simulate(x), ref)[15] < rel_err(one.simulate(x), ref)[15]
 
 
 @pytest.mark.parametrize("name", ["cls_token", "relu_mlp", "qk_norm", "distilled"])
@@ -70,7 +97,7 @@ def test_every_linear_input_is_a_spike(name, neuron, levels, images):
 
     def check(neuron):
         def hook(module, inputs):
-            k = inputs[0] / neuron.threshold
+            k = inputs[0] / neuron.theta(inputs[0])
             assert torch.allclose(k, k.round(), atol=1e-4)
             assert set(k.round().unique().int().tolist()) <= set(neuron.levels())
             seen.append(module)
@@ -182,7 +209,7 @@ def test_a_custom_block_of_known_operations_converts(images):
 
 @pytest.mark.parametrize("T", [0, -3, 2.5, "8", True])
 def test_bad_timesteps(T, images):
-    with pytest.raises(ValueError, match="timesteps must be a positive integer"):
+    with pytest.raises(ValueError, match="timesteps must be an integer in 1..65536"):
         convert(build("cls_token"), images, timesteps=T, progress=False)
 
 
@@ -203,11 +230,11 @@ def test_bad_inputs(images):
         snn(images * float("nan"))
     with pytest.raises(ValueError, match="unknown option.*neuronz"):
         convert(ann, images, timesteps=2, neuronz="if")
-    with pytest.raises(ValueError, match="unknown neuron 'lif'"):
+    with pytest.raises(ValueError, match="unknown neuron.name 'lif'"):
         convert(ann, images, timesteps=2, neuron="lif")
-    with pytest.raises(ValueError, match=r"percentile must be in \(0, 100\]"):
+    with pytest.raises(ValueError, match=r"calibration.percentile must be a finite number in \(0, 100\]"):
         convert(ann, images, timesteps=2, percentile=0)
-    with pytest.raises(ValueError, match="unknown attention 'foo'.*ecm"):
+    with pytest.raises(ValueError, match="unknown attention.name 'foo'.*ecm"):
         convert(ann, images, timesteps=2, attention="foo")
 
 

@@ -79,3 +79,53 @@ def test_bad_neuron_arguments():
         SignedIFNeuron(levels=0)
     with pytest.raises(ValueError, match="exactly one level"):
         TernaryNeuron(levels=2)
+
+
+# ---- dynamics: each neuron against its formula -------------------------------------------------------------
+
+def _reference(neuron, xs):
+    """The neuron's dynamics written out from its docstring, in threshold units: u <- leak u + x; k = fire(u);
+    reset by subtraction (u <- u - k) or hard reset (u <- 0 where k != 0)."""
+    u, out = torch.full_like(xs[0], neuron.v_init), []
+    for x in xs:
+        u = u * neuron.leak + x if out else x + neuron.v_init
+        if isinstance(neuron, MultiThresholdNeuron):
+            mag = u.abs() if neuron.signed else u.clamp(min=0)
+            j = torch.floor(torch.log2(mag + 0.5)).clamp(0, neuron.num_levels - 1)
+            k = torch.where(mag >= 0.5, 2.0 ** j, torch.zeros_like(u)) * (torch.sign(u) if neuron.signed else 1)
+        elif isinstance(neuron, TernaryNeuron):
+            k = torch.where(u.abs() >= 0.5, torch.sign(u), torch.zeros_like(u))
+        else:
+            k = torch.clamp(torch.floor(u), -neuron.num_levels if neuron.signed else 0, neuron.num_levels)
+        u = torch.where(k != 0, torch.zeros_like(u), u) if neuron.hard_reset else u - k
+        out.append(k)
+    return torch.stack(out)
+
+
+@settings(max_examples=40, deadline=None)
+@given(idx=st.integers(0, len(NEURONS) - 1), T=st.integers(1, 16), seed=st.integers(0, 1000))
+def test_every_neuron_follows_its_formula(idx, T, seed):
+    neuron = NEURONS[idx]()
+    torch.manual_seed(seed)
+    xs = torch.randn(T, 64) * 3 * neuron.max_level
+    assert torch.equal(run_steps(neuron, xs), _reference(neuron, xs))
+
+
+@pytest.mark.parametrize("levels", [1, 2, 4, 8])
+@pytest.mark.parametrize("signed", [True, False])
+def test_multi_threshold_running_mean_error_falls_as_one_over_t(levels, signed):
+    """Reset by subtraction: for constant inputs within the range, |mean - x| <= (max level / 2) theta / t."""
+    neuron = MultiThresholdNeuron(levels=levels, signed=signed)
+    top = neuron.max_level
+    x = torch.linspace(-top if signed else 0, top, 801)
+    for T in (8, 64, 512):
+        err = (run_steps(neuron, x.expand(T, -1)).mean(0) - x).abs().max()
+        assert float(err) * T <= max(top / 2, 0.5) + 1e-3, (T, float(err))
+
+
+def test_ternary_neuron_leaks_and_resets_hard():
+    """u <- 0.25 u + x: an input of 0.4 a step fires on the second step (0.1 + 0.4 = 0.5), then starts over."""
+    out = run_steps(TernaryNeuron(), torch.full((6, 1), 0.4)).flatten().tolist()
+    assert out == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    out = run_steps(TernaryNeuron(), torch.full((4, 1), 0.3)).flatten().tolist()  # 0.3, 0.375, 0.394, ... never
+    assert out == [0.0, 0.0, 0.0, 0.0]

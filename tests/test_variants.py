@@ -38,7 +38,7 @@ def _cores(net):
 
 def _levels(values, neuron):
     """Integer levels k of a neuron's output k * theta (per-channel thresholds along the last axis)."""
-    return values / neuron.threshold
+    return values / neuron.theta(values)
 
 
 @pytest.mark.parametrize("step_mode", ["s", "m"])
@@ -107,7 +107,8 @@ def test_psa_without_masking_is_ecm_bitwise(config, step_mode):
     ecm = convert(build(config), x, timesteps=4, step_mode=step_mode, progress=False)
     psa = convert(build(config), x, timesteps=4, attention="psa", mask_p=0.0, step_mode=step_mode, progress=False)
     assert torch.equal(ecm.simulate(x), psa.simulate(x))
-    assert torch.equal(ecm.simulate(x), psa.simulate(x))
+    masked = convert(build(config), x, timesteps=4, attention="psa", mask_p=0.5, step_mode=step_mode, progress=False)
+    assert not torch.equal(ecm.simulate(x), masked.simulate(x))  # the masks are there, and mask_p=0 turns them off
 
 
 @pytest.mark.parametrize("mask_p", [0.25, 0.5, 0.75])
@@ -148,7 +149,7 @@ def test_spike_driven_every_linear_input_is_binary(config, step_mode):
         h.remove()
     for name, layer in linears:
         neuron = synapses[layer]
-        k = torch.cat([(x / neuron.threshold).flatten() for x in inputs[name]])
+        k = torch.cat([(x / neuron.theta(x)).flatten() for x in inputs[name]])
         assert set(torch.round(k).unique().tolist()) <= {0.0, 1.0}, name
         torch.testing.assert_close(k, torch.round(k))
 
@@ -202,9 +203,9 @@ def test_finetuning_lowers_the_loss_of_every_variant(options):
 # ---- bad input ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("options, message", [
-    (dict(attention="linear"), "unknown attention 'linear': available: ecm, psa, ssa, a2os2a"),
-    (dict(residual="dense"), "unknown residual 'dense': available: membrane, spike_driven"),
-    (dict(attention="psa", mask_p=1.0), r"mask_p is the share of spikes masked out, in \[0, 1\)"),
+    (dict(attention="linear"), "unknown attention.name 'linear': use one of ecm, psa, ssa, a2os2a"),
+    (dict(residual="dense"), "unknown attention.residual 'dense': use one of membrane, spike_driven"),
+    (dict(attention="psa", mask_p=1.0), r"attention.mask_p must be a finite number in \[0, 1\), got 1.0"),
     (dict(attention="psa", mask_p=-0.1), r"in \[0, 1\)"),
     (dict(attention="psa", mask_p="half"), r"in \[0, 1\)"),
     (dict(mask_p=0.3), "applies to attention=psa only"),

@@ -1,0 +1,159 @@
+"""Do the default thresholds carry over? Every Fashion-MNIST reference model x T x alphabet, defaults only.
+
+    python -m benchmarks.generalization [--models vit_fmnist vit_fmnist_gap ...] [--eval-images N]
+                                        [--timesteps 1 2 4 8 16 32 64] [--levels 1 4 16] [--levels-max-t 16]
+
+For every model with weights in models/assets/ (``python -m models.train_reference --model NAME`` makes
+them) and every alphabet L, one conversion per T with the default options (signed IF, thresholds chosen
+for that T and L, training-free), calibrated on 512 training images and evaluated at step T on the test
+split. Multi-level alphabets run up to ``--levels-max-t`` (their targets are from T=4). For comparison the
+previous default (per-channel percentile 99.5, L=1) is run once to the largest T (its thresholds do not
+depend on T, so one anytime run gives every T). Conversion (calibration) seconds of both are recorded.
+Writes benchmarks/results/generalization.json and generalization.png and the section of BENCHMARKS.md
+between the ``generalization`` markers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from benchmarks.core import calibration_images, machine_info
+from convert import convert
+from convert.evaluate import evaluate
+from convert.plots import png_bytes
+from models.data import fashion_mnist
+from models.zoo import ASSETS, FMNIST_MODELS, create_ann
+
+RESULTS = Path("benchmarks/results")
+START, END = "<!-- generalization:start -->", "<!-- generalization:end -->"
+
+
+def run(models, timesteps, levels, levels_max_t, eval_images) -> dict:
+    test_data = fashion_mnist("test")
+    test = test_data.dataset if eval_images is None else Subset(test_data.dataset, range(eval_images))
+    loader = DataLoader(test, batch_size=250)
+    calib = calibration_images()
+    command = "python -m benchmarks.generalization " + " ".join(sys.argv[1:])
+    out = {"models": {}}
+    for name in models:
+        ann = create_ann(name)
+        res = {**machine_info(test_data.source), "images": len(test), "command": command, "defaults": {},
+               "convert_s": {}}
+        for L in levels:
+            row = {}
+            for T in [t for t in timesteps if L == 1 or t <= levels_max_t]:
+                t0 = time.time()
+                snn = convert(ann, calib, timesteps=T, levels=L, progress=False)
+                res["convert_s"].setdefault(f"L={L}", {})[T] = time.time() - t0
+                r = evaluate(snn, loader, T, progress=False)
+                res["ann_top1"] = r["ann_top1"]
+                row[T] = {"top1": r["top1"][-1], "agreement": r["agreement"][-1]}
+                print(f"{name} L={L} T={T}: {row[T]['top1']:.2f} (ANN {r['ann_top1']:.2f})", file=sys.stderr,
+                      flush=True)
+            res["defaults"][f"L={L}"] = row
+        t0 = time.time()
+        snn = convert(ann, calib, timesteps=max(timesteps), calibration="percentile", progress=False)
+        res["convert_s"]["percentile"] = time.time() - t0
+        r = evaluate(snn, loader, max(timesteps), progress=False)
+        res["percentile_L1"] = {T: {"top1": r["top1"][T - 1], "agreement": r["agreement"][T - 1]} for T in timesteps}
+        out["models"][name] = res
+    return out
+
+
+def markdown(res: dict) -> str:
+    lines = ["Default options only (signed IF, MSE-optimal per-channel and per-token thresholds for the run's T "
+             "and L, training-free, 512 calibration images from the training split); one conversion per T, accuracy "
+             "at step T. Each cell: ANN minus SNN top-1 (pt); in brackets the previous default (percentile 99.5, "
+             "L=1).", ""]
+    for name, m in res["models"].items():
+        Ts = sorted({int(t) for row in m["defaults"].values() for t in row})
+        lines += [f"**{name}** (ANN {m['ann_top1']:.2f}%): `{m['command']}` on {m['date']}, {m['machine']}; "
+                  f"{m['images']} test images ({m['data']}).", "",
+                  "| L | " + " | ".join(f"T={t}" for t in Ts) + " |", "|---|" + "---|" * len(Ts)]
+        for L, row in m["defaults"].items():
+            cells = []
+            for t in Ts:
+                cell = row.get(str(t))
+                if cell is None:
+                    cells.append("-")
+                    continue
+                text = f"{m['ann_top1'] - cell['top1']:+.2f}"
+                old = m["percentile_L1"].get(str(t)) if L == "L=1" else None
+                cells.append(text + (f" ({m['ann_top1'] - old['top1']:+.2f})" if old else ""))
+            lines.append(f"| {L[2:]} | " + " | ".join(cells) + " |")
+        cs = m["convert_s"]
+        t_max = max(cs["L=1"], key=int)
+        lines += ["", f"Conversion (calibration) time at T={t_max}, L=1: {cs['L=1'][t_max]:.1f} s (percentile 99.5: "
+                  f"{cs['percentile']:.1f} s, ratio {cs['L=1'][t_max] / cs['percentile']:.2f}).", ""]
+    return "\n".join(lines)
+
+
+def figure(res: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (name, m) in enumerate(res["models"].items()):
+        color = f"C{i}"
+        for L, style in zip(m["defaults"], ("-", "--", ":")):
+            row = {int(t): v for t, v in m["defaults"][L].items()}
+            ax.plot(sorted(row), [row[t]["top1"] for t in sorted(row)], style, marker="o", ms=3, color=color,
+                    label=f"{name} {L}")
+        ax.axhline(m["ann_top1"], color=color, lw=0.6, alpha=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("timesteps T (thresholds chosen for each T)")
+    ax.set_ylabel("SNN top-1 (%)  (thin lines: ANN)")
+    ax.set_title("Fashion-MNIST reference models, default options, training-free")
+    lo = min(min(v["top1"] for v in row.values()) for m in res["models"].values() for row in m["defaults"].values())
+    ax.set_ylim(max(lo - 2, 0), max(m["ann_top1"] for m in res["models"].values()) + 1.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def write_section(path: Path, body: str) -> None:
+    text = path.read_text() if path.exists() else ""
+    section = f"{START}\n{body}\n{END}"
+    if START in text:
+        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n## Do the defaults generalise? Models x T x alphabet\n\n" + section + "\n"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    have = [n for n in FMNIST_MODELS if (ASSETS / f"{n}.safetensors").is_file()]
+    parser.add_argument("--models", nargs="+", default=have, choices=list(FMNIST_MODELS))
+    parser.add_argument("--eval-images", type=int, default=None, help="default: the whole test split")
+    parser.add_argument("--timesteps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--levels-max-t", type=int, default=16)
+    parser.add_argument("--benchmarks-md", type=Path, default=Path("BENCHMARKS.md"))
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    res = run(args.models, sorted(args.timesteps), args.levels, args.levels_max_t, args.eval_images)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    res = json.loads(json.dumps(res))  # the table and plot read what the JSON file holds (string keys)
+    saved = RESULTS / "generalization.json"
+    if saved.is_file():  # models measured by earlier runs stay (each with its own command and image count)
+        res["models"] = {**json.loads(saved.read_text())["models"], **res["models"]}
+        res["models"] = {n: res["models"][n] for n in FMNIST_MODELS if n in res["models"]}
+    saved.write_text(json.dumps(res, indent=1))
+    (RESULTS / "generalization.png").write_bytes(png_bytes(figure(res)))
+    write_section(args.benchmarks_md, markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
