@@ -10,64 +10,34 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from calibration import CORRECTIONS, METHODS, calibrate, iter_images
+from calibration import calibrate, iter_images
+from convert.config import show_progress
 from convert.network import SpikingModel, check_images, check_timesteps, input_spec
 from convert.rewrite import Rewriter
-from models.neurons import NEURONS, create_neuron
+from convert.schema import check_combination, validate_options
+from models.neurons import create_neuron
 from models.zoo import architecture_of
 
 ATTENTION_VARIANTS = ("ecm", "psa", "ssa", "a2os2a")
 RESIDUAL_STYLES = ("membrane", "spike_driven")
-FIXED_ALPHABET = ("ssa", "a2os2a")  # attention variants whose Q, K, V neurons are the papers' own
 
-# The defaults: the best training-free settings measured on vit_fmnist (BENCHMARKS.md).
-DEFAULTS: Dict[str, Any] = dict(neuron="signed_if", levels=1, v_init=None, calibration="percentile",
-                                percentile=99.5, per_channel=True, correction="none", num_images=None, attention="ecm",
+# The defaults: training-free; thresholds minimise the quantiser's expected error for the run's T and alphabet
+# (calibration.thresholds), checked on every reference model (python -m benchmarks.generalization, BENCHMARKS.md).
+DEFAULTS: Dict[str, Any] = dict(neuron="signed_if", levels=1, v_init=None, calibration="mse",
+                                percentile=99.5, per_channel=True, per_token=True, correction="none", num_images=None,
+                                attention="ecm",
                                 mask_p=0.0, residual="membrane", step_mode="s", progress=True)
 
 
 def check_options(options: Dict[str, Any]) -> Dict[str, Any]:
-    """Fill defaults and reject unknown keys or values with a message naming them."""
+    """Fill defaults and reject unknown keys or values with the schema's one-line messages (convert.schema)."""
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(unknown)}: valid options are {', '.join(DEFAULTS)}")
     opts = {**DEFAULTS, **options}
-    if opts["neuron"] not in NEURONS:
-        raise ValueError(f"unknown neuron {opts['neuron']!r}: use one of {', '.join(NEURONS)}")
-    if isinstance(opts["levels"], bool) or not isinstance(opts["levels"], int) or opts["levels"] < 1:
-        raise ValueError(f"levels must be a positive integer, got {opts['levels']!r}")
-    if opts["calibration"] not in METHODS:
-        raise ValueError(f"unknown calibration {opts['calibration']!r}: use one of {', '.join(METHODS)}")
-    if not 0.0 < float(opts["percentile"]) <= 100.0:
-        raise ValueError(f"percentile must be in (0, 100], got {opts['percentile']}")
-    if opts["correction"] not in CORRECTIONS:
-        raise ValueError(f"unknown correction {opts['correction']!r}: use one of {', '.join(CORRECTIONS)}")
-    if opts["attention"] not in ATTENTION_VARIANTS:
-        raise ValueError(f"unknown attention {opts['attention']!r}: available: {', '.join(ATTENTION_VARIANTS)}")
-    if opts["residual"] not in RESIDUAL_STYLES:
-        raise ValueError(f"unknown residual {opts['residual']!r}: available: {', '.join(RESIDUAL_STYLES)}")
-    _check_variant(opts)
-    if opts["step_mode"] not in ("s", "m"):
-        raise ValueError(f"unknown step_mode {opts['step_mode']!r}: use 's' (step) or 'm' (multi-step)")
-    if opts["num_images"] is not None and (not isinstance(opts["num_images"], int) or opts["num_images"] <= 0):
-        raise ValueError(f"num_images must be a positive integer or None, got {opts['num_images']!r}")
+    validate_options(opts, "convert")
+    check_combination(opts)
     return opts
-
-
-def _check_variant(opts: Dict[str, Any]) -> None:
-    """Attention and residual variants that fix their spike alphabets cannot take every neuron."""
-    p = opts["mask_p"]
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"mask_p is the share of spikes masked out, in [0, 1); got {p!r}")
-    if p > 0 and opts["attention"] != "psa":
-        raise ValueError(f"mask_p={p} applies to attention=psa only (attention is {opts['attention']!r})")
-    for what, fixed in (("attention", opts["attention"] in FIXED_ALPHABET),
-                        ("residual", opts["residual"] == "spike_driven")):
-        if fixed and (opts["levels"] != 1 or opts["neuron"] == "multi_threshold"):
-            alphabet = {"ssa": "binary Q, K, V", "a2os2a": "binary Q and ternary V",
-                        "spike_driven": "binary inputs to every Linear layer"}[opts[what]]
-            raise ValueError(f"{what}={opts[what]} uses {alphabet}: it cannot use neuron={opts['neuron']} with "
-                             f"levels={opts['levels']}; use neuron=signed_if (or if, ternary) with levels=1")
 
 
 def check_finite_weights(model: nn.Module) -> None:
@@ -126,11 +96,14 @@ def convert(ann: nn.Module, calibration_data, timesteps: int = 16, architecture:
     device = next(snn.net.parameters()).device
     chained = itertools.chain([] if first is None else [first], batches)
     images = (x.to(device, non_blocking=True) for x in _checked_images(snn, chained))
+    prefix = int(getattr(ann, "num_prefix_tokens", 0) or 0) if opts["per_token"] else 0
+    patch = snn.inputs["patch"]
+    tokens = prefix + (snn.inputs["size"][0] // patch[0]) * (snn.inputs["size"][1] // patch[1])
     snn.calibration_report = calibrate(snn.net, images, method=opts["calibration"],
                                        percentile=float(opts["percentile"]), timesteps=snn.timesteps,
                                        num_images=opts["num_images"], per_channel=opts["per_channel"],
                                        correction=opts["correction"], step_mode=opts["step_mode"],
-                                       progress=opts["progress"])
+                                       progress=show_progress(opts["progress"]), prefix_tokens=prefix, tokens=tokens)
     return snn
 
 

@@ -1,6 +1,8 @@
 """Structured configs (one per group) and composition of ``conf/`` with Hydra's Compose API."""
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -41,6 +43,7 @@ class CalibrationConfig:
     method: str = MISSING
     percentile: float = MISSING
     per_channel: bool = MISSING
+    per_token: bool = MISSING
     correction: str = MISSING
     num_images: int = MISSING
 
@@ -101,7 +104,15 @@ class Config:
     device: str = MISSING
     seed: int = MISSING
     out: Optional[str] = None
-    progress: bool = True
+    progress: Optional[bool] = None
+
+
+def show_progress(setting: Optional[bool]) -> bool:
+    """Progress bars on stderr: never when tqdm's TQDM_DISABLE is set, else ``setting``; None (the default):
+    only when stderr is a terminal, so that batch-job logs (SLURM, CI) stay readable."""
+    if os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no"):
+        return False
+    return sys.stderr.isatty() if setting is None else bool(setting)
 
 
 def _register() -> None:
@@ -150,7 +161,8 @@ def convert_options(cfg: DictConfig) -> Dict[str, Any]:
     """The keyword options of ``convert()`` that a composed config selects."""
     return dict(neuron=cfg.neuron.name, levels=cfg.neuron.levels, v_init=cfg.neuron.v_init,
                 calibration=cfg.calibration.method, percentile=cfg.calibration.percentile,
-                per_channel=cfg.calibration.per_channel, correction=cfg.calibration.correction,
+                per_channel=cfg.calibration.per_channel, per_token=cfg.calibration.per_token,
+                correction=cfg.calibration.correction,
                 num_images=cfg.calibration.num_images,
                 attention=cfg.attention.name, mask_p=cfg.attention.mask_p, residual=cfg.attention.residual,
                 step_mode=cfg.step_mode,

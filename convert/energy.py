@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from calibration.statistics import analog_mode, iter_images
-from convert.network import SpikingModel, check_images
+from convert.network import SpikingModel, check_images, check_timesteps
 from models.ecm import ExpectationCompensation, SpikeProduct
 from models.neurons import BaseNeuron
 from models.state import run_steps
@@ -74,7 +74,7 @@ class _Counter:
         for m in net.modules():
             if isinstance(m, SpikingSynapse):
                 self._hook(m.neuron, self._synapse_events(id(m)))
-                self._hook(m, self._synapse(names[m], m))
+                self._hook(m, self._synapse(names[m], m), with_kwargs=True)
             elif isinstance(m, LAYERS) and id(m) not in in_synapse:
                 self._hook(m, self._analog_layer(names[m]))
             elif isinstance(m, ExpectationCompensation):
@@ -86,8 +86,8 @@ class _Counter:
                     self._hook(product, self._product(names[product], neuron_a, neuron_b, transposed_b,
                                                       expectation=isinstance(product, SpikeProduct)))
 
-    def _hook(self, module, fn):
-        self.handles.append(module.register_forward_hook(fn))
+    def _hook(self, module, fn, with_kwargs=False):
+        self.handles.append(module.register_forward_hook(fn, with_kwargs=with_kwargs))
 
     def _synapse_events(self, key):
         def hook(module, inputs, output):
@@ -95,9 +95,9 @@ class _Counter:
         return hook
 
     def _synapse(self, name, synapse):
-        def hook(module, inputs, output):
+        def hook(module, inputs, kwargs, output):
             x, args = inputs[0], inputs[1:]
-            dense = dense_macs(synapse.layer_weight(args), x, output)
+            dense = dense_macs(synapse.layer_weight(args, kwargs), x, output)
             rec = self.ops[name]
             if self.analog:
                 rec["ann_macs"] += dense
@@ -177,7 +177,7 @@ class _Counter:
 @torch.no_grad()
 def energy_report(snn: SpikingModel, images, timesteps: int = None, batch_size: int = 64) -> Dict:
     """Per-image MACs, SOPs and energy of the SNN over T steps beside the ANN's; firing rates per neuron layer."""
-    T = timesteps or snn.timesteps
+    T = snn.timesteps if timesteps is None else check_timesteps(timesteps)
     device = next(snn.net.parameters()).device
     counter = _Counter(snn.net)
     n_images = 0

@@ -29,12 +29,14 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointError, checkpoint
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from calibration import analog_mode
+from convert import schema
 from convert.checkpoint import load_training_state, save
+from convert.config import show_progress
 from convert.network import SpikingModel, check_images, check_timesteps
 from models.distributed import is_main, rank, world_size
 from models.neurons import BaseNeuron, Surrogate
@@ -51,38 +53,20 @@ RESULT_OPTIONS = ("lr", "threshold_lr", "weight_decay", "warmup", "batch_size", 
 
 
 def check_finetune_options(epochs: Any, options: Dict[str, Any]) -> Dict[str, Any]:
+    """Fill defaults and check every option with the schema's rules (convert.schema), then the rules across them."""
     unknown = sorted(set(options) - set(FINETUNE_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown finetune option(s) {', '.join(unknown)}: valid options are "
                          f"{', '.join(FINETUNE_DEFAULTS)}")
     o = {**FINETUNE_DEFAULTS, **options}
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"finetune epochs must be a non-negative integer, got {epochs!r}")
-    for key in ("lr", "threshold_lr"):
-        if o[key] is not None and not (isinstance(o[key], (int, float)) and o[key] > 0):
-            raise ValueError(f"finetune {key} must be a positive number, got {o[key]!r}")
+    schema.keys_by_path()["finetune.epochs"].check(epochs)
+    schema.validate_options(o, "finetune")
     if o["threshold_lr"] is None:
         o["threshold_lr"] = o["lr"]
-    if not o["weight_decay"] >= 0:
-        raise ValueError(f"finetune weight_decay must be >= 0, got {o['weight_decay']!r}")
-    if not 0 <= o["warmup"] < 1:
-        raise ValueError(f"finetune warmup is a fraction of all steps in [0, 1), got {o['warmup']!r}")
-    for key in ("batch_size", "images", "max_steps", "timesteps"):
-        v = o[key]
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise ValueError(f"finetune {key} must be a positive integer{'' if key == 'batch_size' else ' or None'}, "
-                             f"got {v!r}")
-    if not 0 <= o["distill"] <= 1:
-        raise ValueError(f"finetune distill is the distillation weight in [0, 1], got {o['distill']!r}")
-    if not o["temperature"] > 0:
-        raise ValueError(f"finetune temperature must be positive, got {o['temperature']!r}")
     if not (o["thresholds"] or o["weights"]):
-        raise ValueError("finetune has nothing to train: set thresholds=True and/or weights=True")
-    if isinstance(o["checkpoint_every"], bool) or not isinstance(o["checkpoint_every"], int) or o["checkpoint_every"] < 0:
-        raise ValueError(f"finetune checkpoint_every must be a non-negative integer, got {o['checkpoint_every']!r}")
+        raise ValueError("finetune has nothing to train: set finetune.thresholds=true and/or finetune.weights=true")
     if o["checkpoint_every"] and not o["checkpoint_path"]:
-        raise ValueError("finetune checkpoint_every needs checkpoint_path (where to write the checkpoints)")
-    Surrogate(o["surrogate"], o["alpha"])  # validates both
+        raise ValueError("finetune.checkpoint_every needs checkpoint_path (where to write the checkpoints)")
     return o
 
 
@@ -94,16 +78,31 @@ class TimeAveraged(nn.Module):
     def __init__(self, net: nn.Module, timesteps: int, grad_checkpoint: bool = False) -> None:
         super().__init__()
         self.net, self.timesteps, self.grad_checkpoint = net, timesteps, grad_checkpoint
+        self.shapes_seen: set = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = self.timesteps
         set_step_mode(self.net, "m", T)
+        folded = x.repeat(T, *([1] * (x.dim() - 1)))
         try:
+            if self.grad_checkpoint and folded.shape not in self.shapes_seen:
+                # a module specialised to its input shapes (convert.rewrite) re-specialises on a new shape; do it
+                # outside the checkpoint, so that the backward pass recomputes exactly the forward's operations
+                with torch.no_grad():
+                    self.net(folded)
+                reset_net(self.net)
+                self.shapes_seen.add(folded.shape)
             with _checkpointed_blocks(self.net, self.grad_checkpoint):
-                out = self.net(x.repeat(T, *([1] * (x.dim() - 1))))
+                out = self.net(folded)
         finally:
             reset_net(self.net)
         return out.reshape(T, x.shape[0], *out.shape[1:]).mean(0)
+
+
+def _blocks(net: nn.Module):
+    """The transformer blocks of any family: the members of every ``blocks`` sequence in the module tree."""
+    return [block for name, seq in net.named_modules() if name.rpartition(".")[2] == "blocks"
+            and isinstance(seq, (nn.Sequential, nn.ModuleList)) for block in seq]
 
 
 @contextmanager
@@ -111,7 +110,7 @@ def _checkpointed_blocks(net: nn.Module, enabled: bool):
     """Recompute each transformer block in the backward pass instead of storing its T x batch activations.
 
     Valid in multi-step mode only, where a call covers all steps from a reset state (no carried state)."""
-    blocks = list(getattr(net, "blocks", [])) if enabled else []
+    blocks = _blocks(net) if enabled else []
     for block in blocks:
         block.forward = (lambda fwd: lambda *a, **k: checkpoint(fwd, *a, use_reentrant=False, **k))(block.forward)
     try:
@@ -184,7 +183,7 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
             skip = resume_meta["batch"] if epoch == resume_meta["epoch"] else 0
             stats = history[epoch] if skip and epoch < len(history) else {"loss": 0.0, "correct": 0, "images": 0}
             history = history[:epoch] + [stats]
-            bar = tqdm(batches.epoch(epoch, skip), total=len(batches), initial=skip, disable=not o["progress"],
+            bar = tqdm(batches.epoch(epoch, skip), total=len(batches), initial=skip, disable=not show_progress(o["progress"]),
                        desc=f"fine-tuning T={T} epoch {epoch + 1}/{epochs}", unit="batch", leave=False)
             for b, (images, labels) in enumerate(bar, start=skip):
                 loss, correct = _train_step(snn, objective, optimizer, thresholds, teacher, images, labels, device,
@@ -230,7 +229,12 @@ def _train_step(snn, objective, optimizer, thresholds, teacher, images, labels, 
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the fine-tuning loss became {float(loss.detach())}: lower finetune lr (now {o['lr']})")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    try:
+        loss.backward()
+    except CheckpointError:
+        raise ValueError("finetune.grad_checkpoint=true does not work for this model: recomputing one of its blocks "
+                         "in the backward pass gives other operations than its forward pass; set "
+                         "finetune.grad_checkpoint=false") from None
     optimizer.step()
     with torch.no_grad():
         for p in thresholds:

@@ -10,8 +10,9 @@ from models.state import run_steps
 
 
 def check_timesteps(timesteps: Any) -> int:
-    if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps <= 0:
-        raise ValueError(f"timesteps must be a positive integer, got {timesteps!r}")
+    """``timesteps`` if it is a valid T (the config key's rule), else the key's one-line ValueError."""
+    from convert.schema import keys_by_path
+    keys_by_path()["timesteps"].check(timesteps)
     return timesteps
 
 

@@ -734,6 +734,11 @@ class _GraphState:
     def attention(self, node: fx.Node) -> None:
         q, k, v = (tuple(node.args) + (None,) * 3)[:3]
         rw = self.rw
+        mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+        causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
+        if rw.attention in ("ssa", "a2os2a") and (mask is not None or causal):
+            self.fail(node, f"attention={rw.attention} has no softmax to take this attention's mask (relative "
+                            f"position bias, shifted windows or a causal mask): use attention=ecm or psa here")
         rw.attention_count += 1  # each attention core draws its own psa masks
         core = SpikingSDPA(rw.attention, rw.make_neuron, fixed_tokens=rw.fixed_tokens, mask_p=rw.mask_p,
                            seed=3 * rw.attention_count, constant=tuple(not self.kind(x) for x in (q, k, v)))

@@ -23,18 +23,21 @@ from torch.utils.data import DataLoader, Subset
 
 from convert.api import check_options, convert
 from convert.checkpoint import load, save
-from convert.config import convert_options, finetune_options
+from convert.config import convert_options, finetune_options, show_progress
 from convert.energy import energy_report
 from convert.evaluate import evaluate
 from convert.finetune import check_finetune_options, finetune
-from convert.network import SpikingModel, check_timesteps
+from convert.network import SpikingModel, check_timesteps, input_spec
 from convert.plots import energy_figure, png_bytes, sweep_figure
+from convert.resources import activation_elements, check_memory
+from convert.schema import keys_by_path, validate_config
 from models.data import load_dataset
 from models.distributed import all_gather_object, check_same, init_from_env, is_main, shard_batches
-from models.zoo import create_ann
+from models.zoo import create_ann, resolve_name
 
 
 CHECKPOINT = "finetune.safetensors"  # the resumable fine-tuning checkpoint in the run folder
+MIN_FREE_BYTES = 64 * 2 ** 20  # checked up front; the model's own size is checked once it is built
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,9 +62,17 @@ def output_folder(cfg: DictConfig) -> Path:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output path {out} exists and is not a folder: choose another --out")
     existing = next(p for p in [out, *out.absolute().parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"output folder {out} is not writable ({existing} does not accept files): "
-                              f"choose another --out")
+    try:  # a probe file: permissions, read-only mounts and pseudo file systems all answer here, not at the end
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".vit-snn-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PermissionError(f"output folder {out} is not writable ({existing} does not accept files: "
+                              f"{exc.strerror or exc}): choose another --out") from None
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        raise OSError(28, f"only {free / 2 ** 20:.0f} MB free for the output folder {out} (at least "
+                          f"{MIN_FREE_BYTES / 2 ** 20:.0f} MB needed): free space or choose another --out", str(out))
     return out
 
 
@@ -113,10 +124,32 @@ def _variant(base: Dict, overrides: Dict, T: int):
 
 
 def check_config(cfg: DictConfig) -> None:
-    """The checks a run makes before any work (multirun makes them for every job before starting any)."""
-    check_timesteps(cfg.timesteps)
-    check_options(convert_options(cfg))
+    """The checks a run makes before any work (multirun makes them for every job before starting any): every
+    key against the schema (convert.schema), the model name, the output folder."""
+    keys_by_path()["model.name"].check(cfg.model.name)
+    resolve_name(cfg.model.name)  # the model first: the data a run needs follows from it
+    validate_config(cfg)
+    for name, opts in (cfg.sweep.variants or {}).items():
+        _variant(convert_options(cfg), dict(opts), cfg.timesteps)
     check_finetune_options(cfg.finetune.epochs, {**finetune_options(cfg), "checkpoint_path": CHECKPOINT})
+    resolve_device(cfg.device)
+    output_folder(cfg)
+
+
+def check_resources(cfg: DictConfig, ann: torch.nn.Module, device: torch.device, T: int, out: Path) -> None:
+    """Memory for simulation (and fine-tuning) and disk for the checkpoint, before any expensive work."""
+    inputs = input_spec(ann)
+    elements = activation_elements(ann, inputs)
+    check_memory(ann, inputs, device, "simulating the SNN", cfg.data.batch_size, T, cfg.step_mode, elements=elements)
+    if cfg.finetune.epochs:
+        check_memory(ann, inputs, device, "fine-tuning", cfg.finetune.batch_size, cfg.finetune.timesteps or T, "m",
+                     training=True, grad_checkpoint=cfg.finetune.grad_checkpoint, elements=elements)
+    weights = sum(t.numel() * t.element_size() for t in ann.state_dict().values())
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < 3 * weights + MIN_FREE_BYTES:  # the SNN checkpoint (weights, thresholds, staging copy) and plots
+        raise OSError(28, f"only {free / 2 ** 20:.0f} MB free for the output folder, the SNN checkpoint alone needs "
+                          f"about {weights / 2 ** 20:.0f} MB: free space or choose another --out", str(existing))
 
 
 def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
@@ -131,7 +164,7 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
         if device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
     say = print if is_main() else (lambda *args, **kwargs: None)
-    progress = cfg.progress and is_main()
+    progress = show_progress(cfg.progress) and is_main()
     out = Path(all_gather_object(str(output_folder(cfg)))[0])  # rank 0's folder (its time stamp)
     start = time.time()
     base = convert_options(cfg)
@@ -147,6 +180,7 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
         ann = create_ann(cfg.model.name, cfg.model.checkpoint, cfg.model.pretrained).to(device)
         model_name, net_for_data = cfg.model.name, ann
         variants = variants or {"default": (check_options(base), T)}
+        check_resources(cfg, ann, device, max(t for _, t in variants.values()), out)
     test = load_dataset(cfg.data, "test", net_for_data)
     say(f"model {model_name}; data {cfg.data.name} from {test.source}" + (f"; {world} processes" if world > 1 else ""))
     if test.subset:

@@ -45,9 +45,11 @@ class SpikingSynapse(nn.Module):
         """Outputs of convolutions keep channels on axis 1; Linear outputs keep them last."""
         return not isinstance(self.layer, nn.Linear) and self.layer is not torch.nn.functional.linear and y.dim() > 2
 
-    def layer_weight(self, args: tuple) -> torch.Tensor:
-        """The weight of the layer: its own, or (``F.linear`` / ``F.conv2d``) the first argument after the input."""
-        return self.layer.weight if isinstance(self.layer, nn.Module) else args[0]
+    def layer_weight(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The weight of the layer: its own, or (``F.linear`` / ``F.conv2d``) the argument after the input."""
+        if isinstance(self.layer, nn.Module):
+            return self.layer.weight
+        return args[0] if args else kwargs["weight"]
 
 
 class StepProduct(nn.Module):

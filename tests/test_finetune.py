@@ -142,8 +142,19 @@ def test_grad_checkpoint_gives_the_same_result():
 
 
 def test_distillation_alone_needs_no_labels_and_moves_toward_the_ann():
+    """With distill=1 the loss is tau^2 KL(softmax(ANN / tau) || softmax(SNN / tau)), the ANN being the original
+    timm model (not the SNN, not a shuffled batch), and training on it lowers it."""
+    import sys
+    ft = sys.modules["convert.finetune"]
+    ann = build("cls_token")
     snn = _snn(T=1)
-    images, _ = _data(32)
+    images = _data(32)[0]
+    logits = torch.randn(32, 7)
+    o = {"distill": 1.0, "temperature": 2.0}
+    with torch.no_grad():
+        target = torch.softmax(ann(images) / 2.0, -1)
+    expected = 4.0 * (target * (target.log() - torch.log_softmax(logits / 2.0, -1))).sum(-1).mean()
+    torch.testing.assert_close(ft._loss(logits, None, ft._teacher(snn), images, o), expected, rtol=1e-4, atol=1e-5)
     finetune(snn, images, epochs=4, batch_size=16, distill=1.0, lr=1e-3, warmup=0.0, progress=False)
     loss = snn.finetune_report["loss"]
     assert loss[-1] < loss[0]
@@ -268,8 +279,8 @@ def test_loader_with_wrong_shapes(batch, message):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(lr=0), "lr must be a positive"), (dict(lr=-1e-3), "lr must be a positive"),
-    (dict(threshold_lr=0.0), "threshold_lr must be a positive"), (dict(warmup=1.0), "warmup"),
+    (dict(lr=0), r"finetune.lr must be a finite number in \(0, 10\]"), (dict(lr=-1e-3), "finetune.lr must be"),
+    (dict(threshold_lr=0.0), "finetune.threshold_lr must be"), (dict(warmup=1.0), "warmup"),
     (dict(batch_size=0), "batch_size"), (dict(distill=1.5), "distill"), (dict(surrogate="tanh"), "surrogate"),
     (dict(alpha=0), "alpha"), (dict(thresholds=False, weights=False), "nothing to train"),
     (dict(checkpoint_every=5), "checkpoint_path"), (dict(timesteps=0), "timesteps"),
@@ -314,3 +325,83 @@ def test_diverging_loss_is_named():
     with pytest.raises(FloatingPointError, match="lower finetune lr"):
         finetune(snn, (x * 1e30, y), epochs=1, progress=False)
     reset_net(snn.net)
+
+
+class RecordingDataset(Dataset):
+    """Remembers every index it hands out."""
+
+    def __init__(self, data):
+        self.x, self.y = data
+        self.seen = []
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.seen.append(int(i))
+        return self.x[i], self.y[i]
+
+
+def _interrupted_checkpoint(tmp_path, data, **common):
+    """A checkpoint written at step 3 of 5 by a run that then died; returns its path and the data order."""
+    ckpt = tmp_path / "ft.safetensors"
+    finetune(_snn(), data, max_steps=3, checkpoint_path=ckpt, **common)
+    return ckpt
+
+
+def test_resume_runs_only_the_steps_after_the_checkpoint(tmp_path, monkeypatch):
+    """Steps before the checkpoint are not run again: the resumed run fetches only the remaining images and
+    takes only the remaining optimiser steps."""
+    import sys
+    ft = sys.modules["convert.finetune"]
+    data = _data(40)
+    common = dict(epochs=1, batch_size=8, lr=1e-3, progress=False)
+    full_data = RecordingDataset(data)
+    finetune(_snn(), full_data, **common)
+    ckpt = _interrupted_checkpoint(tmp_path, data, **common)
+    steps = []
+    train_step = ft._train_step
+    monkeypatch.setattr(ft, "_train_step", lambda *a, **k: steps.append(1) or train_step(*a, **k))
+    resumed_data = RecordingDataset(data)
+    finetune(_snn(), resumed_data, resume=ckpt, **common)
+    assert len(steps) == 2
+    assert resumed_data.seen == full_data.seen[3 * 8:]  # exactly the batches after step 3, in the same order
+
+
+def test_resume_restores_the_optimiser_state(tmp_path):
+    """The final checkpoint of a resumed run holds AdamW's step count of the whole run, and its moments equal
+    an uninterrupted run's."""
+    from safetensors.torch import load_file
+    data = _data(40)
+    common = dict(epochs=1, batch_size=8, lr=1e-3, progress=False)
+    full_ckpt = tmp_path / "full.safetensors"
+    finetune(_snn(), data, checkpoint_path=full_ckpt, **common)
+    ckpt = _interrupted_checkpoint(tmp_path, data, **common)
+    finetune(_snn(), data, resume=ckpt, checkpoint_path=ckpt, **common)
+    a, b = load_file(str(full_ckpt)), load_file(str(ckpt))
+    optim = [k for k in a if k.startswith("finetune_state/optim/")]
+    assert optim and {k for k in b if k.startswith("finetune_state/optim/")} == set(optim)
+    assert all(float(b[k]) == 5 for k in optim if k.endswith("/step"))
+    for k in optim:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_starts_from_the_checkpoint_weights(tmp_path):
+    """A resumed run continues from the weights in the checkpoint: altering them changes the result."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    data = _data(40)
+    common = dict(epochs=1, batch_size=8, lr=1e-3, progress=False)
+    full = _snn()
+    finetune(full, data, **common)
+    ckpt = _interrupted_checkpoint(tmp_path, data, **common)
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["head.layer.weight"] = tensors["head.layer.weight"] + 0.1
+    altered = tmp_path / "altered.safetensors"
+    save_file(tensors, str(altered), metadata=meta)
+    for path, same in ((ckpt, True), (altered, False)):
+        resumed = _snn()
+        finetune(resumed, data, resume=path, **common)
+        equal = all(torch.equal(v, resumed.net.state_dict()[k]) for k, v in full.net.state_dict().items())
+        assert equal == same, path.name

@@ -38,7 +38,7 @@ def test_multirun_makes_one_folder_per_job_and_a_combined_table(tmp_path):
 def test_bad_sweep_value_stops_before_any_job(tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(["-m", *TINY, "neuron.levels=1,0", "--out", str(out)]) == 2
-    assert "levels must be a positive integer, got 0" in capsys.readouterr().err
+    assert "neuron.levels must be an integer in 1..1024, got 0" in capsys.readouterr().err
     assert not out.exists()
     assert main(["-m", *TINY, "attention=ecm,nope", "--out", str(out)]) == 2
     assert "Could not find 'attention/nope'" in capsys.readouterr().err
