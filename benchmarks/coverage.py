@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import json
 import platform
 import sys
 import time
@@ -27,6 +28,7 @@ import torch
 from convert.api import build_spiking
 from convert.network import input_spec
 from models.families import HYBRID, PURE_ATTENTION, TINY, tiny
+from models.zoo import COVERAGE_TABLE
 
 
 def checkpoints_by_arch() -> Dict[str, List[str]]:
@@ -132,6 +134,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="COVERAGE.md")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--table", default=str(COVERAGE_TABLE),
+                        help="where the arch -> reason table for `python -m convert --list-models` goes "
+                             "(written by full runs over all families only)")
     parser.add_argument("--families", nargs="*", default=list(PURE_ATTENTION + HYBRID))
     args = parser.parse_args(argv)
     unknown = sorted(set(args.families) - set(PURE_ATTENTION + HYBRID))
@@ -141,6 +146,13 @@ def main(argv=None) -> int:
     command = "python -m benchmarks.coverage" + (" --quick" if args.quick else "")
     Path(args.out).write_text(markdown(res, command))
     print(f"wrote {args.out}")
+    if not args.quick and set(args.families) == set(PURE_ATTENTION + HYBRID):
+        table = {"timm": timm.__version__, "date": str(datetime.date.today()),
+                 "architectures": {a: r["reason"] for rows in res["families"].values() for a, r in rows.items()}}
+        tmp = Path(args.table).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(table, indent=0, sort_keys=True))
+        tmp.replace(args.table)
+        print(f"wrote {args.table}")
     return 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import warnings
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="output folder (default runs/<date>_<time>_<model>)")
     parser.add_argument("--load", help="re-evaluate a saved SNN checkpoint (snn.safetensors) instead of converting")
     parser.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+    parser.add_argument("--list-models", nargs="?", const="*", metavar="PATTERN",
+                        help="list the models that convert (pretrained timm names matching PATTERN, e.g. 'eva*', "
+                             "from the table benchmarks.coverage records) and exit")
     parser.add_argument("-m", "--multirun", action="store_true",
                         help="Hydra multirun: one job per combination of comma-separated override values "
                              "(e.g. -m attention=ecm,psa neuron.levels=1,2); launcher=basic|submitit_local|submitit_slurm")
@@ -82,6 +86,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "=" in args.model:  # an override in the model's place: the default model
         args.overrides.insert(0, args.model)
         args.model = "vit_fmnist"
+    if args.list_models is not None:
+        from models.zoo import convertible_models
+        rows, footer = convertible_models(args.list_models)
+        width = max((len(n) for n, _ in rows), default=0)
+        try:
+            for name, status in rows:
+                print(f"{name:{width}s}  {status}")
+            print(footer, flush=True)
+        except BrokenPipeError:  # piped into head: the reader has what it wanted
+            sys.stdout = open(os.devnull, "w")
+        return 0
     if args.load and args.checkpoint:
         parser.error("--load (a saved SNN) and --checkpoint (ANN weights to convert) exclude each other")
     previous = signal.signal(signal.SIGTERM, _terminate)

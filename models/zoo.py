@@ -7,8 +7,13 @@ weights (local Hugging Face cache first, a download when online).
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import json
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Optional
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -29,6 +34,9 @@ ALIASES: Dict[str, str] = {
 }
 
 ASSETS = Path(__file__).parent / "assets"
+# arch -> '' (converts) or the converter's reason, for every timm transformer architecture with pretrained
+# weights; written by ``python -m benchmarks.coverage``, read by ``python -m convert --list-models``
+COVERAGE_TABLE = Path(__file__).parent / "coverage.json"
 REFERENCE_WEIGHTS = ASSETS / "vit_fmnist.safetensors"
 
 # The Fashion-MNIST reference models (28x28 grey images, 10 classes), each trained by
@@ -90,6 +98,28 @@ def resolve_name(name: str) -> str:
     raise ValueError(f"unknown model {name!r}{hint}")
 
 
+def convertible_models(pattern: str = "*") -> tuple:
+    """([(name, status)], footer) for the reference models, the aliases and every pretrained timm name matching
+    ``pattern`` (fnmatch) whose architecture is in the coverage table."""
+    table = json.loads(COVERAGE_TABLE.read_text()) if COVERAGE_TABLE.is_file() else {"architectures": {}}
+    archs = table["architectures"]
+
+    def status(timm_name: str) -> Optional[str]:
+        reason = archs.get(timm_name.split(".")[0])
+        return None if reason is None else ("converts" if reason == "" else f"does not convert: {reason}")
+
+    rows = [(n, "converts (Fashion-MNIST reference, embedded)" if (ASSETS / f"{n}.safetensors").is_file()
+             else f"converts (Fashion-MNIST reference; train it: python -m models.train_reference --model {n})")
+            for n in FMNIST_MODELS if fnmatch.fnmatch(n, pattern)]
+    rows += [(a, f"{status(t) or 'not in the coverage table'} (alias of {t})") for a, t in ALIASES.items()
+             if fnmatch.fnmatch(a, pattern)]
+    rows += [(n, status(n)) for n in timm.list_models(pattern, pretrained=True) if status(n) is not None]
+    ok = sum(s.startswith("converts") for _, s in rows)
+    source = (f"coverage table of timm {table['timm']} ({table['date']}, python -m benchmarks.coverage)"
+              if archs else f"no coverage table ({COVERAGE_TABLE} missing: run python -m benchmarks.coverage)")
+    return rows, f"{ok} of {len(rows)} listed convert; {source}; timm here: {timm.__version__}"
+
+
 def read_state_dict(path: str | Path) -> Dict[str, torch.Tensor]:
     """Tensors from a safetensors file or a torch checkpoint (never unpickles code)."""
     path = Path(path).expanduser()
@@ -142,8 +172,13 @@ def create_ann(name: str, checkpoint: Optional[str] = None, pretrained: bool = T
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
         load_weights(model, checkpoint)
     elif pretrained:
+        source = _weights_source(timm_name)
+        cached = source is not None and _cached(source)
+        if source is not None and not cached:
+            _check_reachable(timm_name, source)
         try:
-            model = timm.create_model(timm_name, pretrained=True, **kwargs)
+            with _hub_offline(cached):
+                model = timm.create_model(timm_name, pretrained=True, **kwargs)
         except Exception as exc:
             raise FileNotFoundError(
                 f"no weights for {timm_name}: not in the local Hugging Face cache and the download failed "
@@ -154,6 +189,59 @@ def create_ann(name: str, checkpoint: Optional[str] = None, pretrained: bool = T
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
     model.weights_source = str(checkpoint) if checkpoint else (f"timm:{timm_name}" if pretrained else "random init")
     return model.eval()
+
+
+def _weights_source(timm_name: str) -> Optional[tuple]:
+    """Where timm downloads the pretrained weights of ``timm_name`` from: ('hf', repo, file names) or
+    ('url', url); None when it does not download (models registered with their own weights)."""
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin",
+                                                                    "open_clip_model.safetensors"]
+        return "hf", cfg.hf_hub_id.split("@")[0], names
+    return ("url", cfg.url) if cfg.url else None
+
+
+def _cached(source: tuple) -> bool:
+    """Whether the weights are already in the local Hugging Face or torch hub cache."""
+    if source[0] == "hf":
+        from huggingface_hub import try_to_load_from_cache
+        return any(isinstance(try_to_load_from_cache(source[1], n), str) for n in source[2])
+    return (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(source[1]).path).name).is_file()
+
+
+def _check_reachable(timm_name: str, source: tuple, timeout: float = 3.0) -> None:
+    """FileNotFoundError within ``timeout`` seconds when the weights' host cannot be reached (offline, or
+    HF_HUB_OFFLINE set), instead of a minute of download retries."""
+    from huggingface_hub import constants
+    url = constants.ENDPOINT if source[0] == "hf" else source[1]
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE and source[0] == "hf" else None
+    if why is None:
+        parts = urlparse(url)
+        try:
+            socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                     timeout=timeout).close()
+            return
+        except OSError as exc:
+            why = f"{parts.hostname} cannot be reached: {exc.strerror or exc.__class__.__name__}"
+    raise FileNotFoundError(
+        f"no weights for {timm_name}: not in the local cache and {why}; download them where you are online "
+        f"(timm.create_model('{timm_name}', pretrained=True) fills ~/.cache/huggingface) "
+        f"or pass --checkpoint FILE (.safetensors or a torch state dict)")
+
+
+@contextmanager
+def _hub_offline(enabled: bool):
+    """Hugging Face Hub in offline mode (cached files only, no revision check) while ``enabled``."""
+    from huggingface_hub import constants
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or enabled
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def architecture_of(model: torch.nn.Module) -> Optional[dict]:

@@ -167,3 +167,23 @@ def test_write_files_replaces_whole_files_only(tmp_path):
         write_files(out, Boom(), snn)
     assert (out / "report.json").read_bytes() == b"old"
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "snn.safetensors"]
+
+
+@pytest.mark.parametrize("build_ann", [
+    lambda: __import__("timm").create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2,
+                                            num_heads=3, num_classes=10),
+    lambda: __import__("timm").models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, global_pool="avg",
+        class_token=False),
+    lambda: __import__("timm").models.eva.Eva(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                              num_classes=4, use_rot_pos_emb=True, swiglu_mlp=True),
+], ids=["create_model-kwargs", "VisionTransformer-direct", "Eva-direct"])
+def test_models_built_with_any_arguments_save_and_load_bitwise(build_ann, tmp_path):
+    """The architecture is recorded when the model is built (timm.create_model kwargs or a timm class's
+    arguments), so the SNN loads back with no ANN weights file."""
+    torch.manual_seed(0)
+    ann = build_ann().eval()
+    x = torch.randn(3, 3, 32, 32)
+    snn = convert(ann, x, timesteps=3, progress=False)
+    again = load(save(snn, tmp_path / "snn.safetensors"))
+    assert torch.equal(snn.simulate(x), again.simulate(x))
