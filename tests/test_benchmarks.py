@@ -35,7 +35,8 @@ def test_torchvision_port_names_what_differs(config, message):
 def test_peers_quick_runs_and_renders():
     res = peers.run(eval_images=64, steps=(2,))
     sj, ours = res["sj"][2], res["ours"]["signed IF L=1 (defaults)"]
-    assert 0 <= sj["top1"] <= 100 and sj["alphabet"] >= 1 and sj["events_per_neuron_step"] > 0
+    # the STA recipe is a working conversion of the same weights (its alphabet is unbounded: ~30 per step)
+    assert abs(sj["top1"] - ours["ann_top1"]) <= 10 and sj["alphabet"] > 1 and sj["events_per_neuron_step"] > 0
     assert ours["alphabet"] == 1  # signed IF L=1: k in {-1, 0, 1}
     assert res["ours"]["multi-threshold N=8"]["alphabet"] <= 128 and res["port_max_abs_error"] < 1e-4
     md = peers.markdown(res, "test")

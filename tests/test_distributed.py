@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -62,15 +63,22 @@ def test_two_processes_equal_one(tmp_path, extra):
 
 
 def test_two_process_finetuning_matches_one(tmp_path):
-    ft = ["finetune=bptt", "finetune.images=64", "finetune.batch_size=32", "finetune.lr=1e-4"]
+    """DDP averages the gradients over ranks: after one step the 2-process weights differ from the 1-process
+    ones by far less than the step itself (AdamW's first step is lr * sign(gradient): only gradients that
+    round to the other sign differ; ranks that each trained on their half batch differ on a large share).
+    One step, because a spiking network amplifies rounding: later steps see other spikes."""
+    ft = ["finetune=bptt", "finetune.images=32", "finetune.batch_size=32", "finetune.lr=1e-3"]
+    start = _single(*COMMON, "--out", str(tmp_path / "start"))
     one = _single(*COMMON, *ft, "--out", str(tmp_path / "one"))
     two = _torchrun(*COMMON, *ft, "--out", str(tmp_path / "two"))
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1500:], two.stderr[-1500:])
-    a, b = load_file(str(tmp_path / "one" / "snn.safetensors")), load_file(str(tmp_path / "two" / "snn.safetensors"))
+    assert start.returncode == 0 and one.returncode == 0 and two.returncode == 0, \
+        (start.stderr[-1500:], one.stderr[-1500:], two.stderr[-1500:])
+    a0, a, b = (load_file(str(tmp_path / run / "snn.safetensors")) for run in ("start", "one", "two"))
     report = json.loads((tmp_path / "two" / "report.json").read_text())["variants"]["default"]["finetune"]
-    assert report["steps"] == 2 and report["complete"]
-    for k in a:  # gradients averaged over ranks = the gradient of the whole batch, up to rounding
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-3)
+    assert report["steps"] == 1 and report["complete"]
+    update = torch.sqrt(sum(((a[k] - a0[k]).double() ** 2).sum() for k in a))
+    apart = torch.sqrt(sum(((a[k] - b[k]).double() ** 2).sum() for k in a))
+    assert update > 1e-2 and apart < 1e-2 * update, (float(apart), float(update))
 
 
 def test_ranks_that_disagree_on_the_config_stop(tmp_path):
@@ -92,10 +100,48 @@ def test_more_processes_than_batches(tmp_path):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+class ThreadWorld:
+    """``world`` ranks as threads: all_reduce of models.distributed (sum or max), with a barrier, so that the
+    real ``RunningHistogram.merge_ranks`` runs on every rank's histogram."""
+
+    def __init__(self, world):
+        self.world, self.barrier, self.slots, self.local = world, threading.Barrier(world), [None] * world, threading.local()
+
+    def all_reduce(self, tensor, op="sum"):
+        self.slots[self.local.rank] = tensor.clone()
+        self.barrier.wait()
+        stacked = torch.stack(self.slots)
+        result = stacked.sum(0) if op == "sum" else stacked.amax(0)
+        self.barrier.wait()
+        tensor.copy_(result)
+        return tensor
+
+    def run(self, fn, args):
+        errors = []
+
+        def target(r):
+            self.local.rank = r
+            try:
+                fn(args[r])
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                self.barrier.abort()
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.floats(0.01, 100.0), min_size=2, max_size=6), st.integers(1, 4), st.integers(0, 2 ** 16))
 def test_histograms_merge_exactly_in_any_split(scales, world, seed):
-    """The merged histogram of any split of the batches equals the histogram of all of them in one process."""
+    """merge_ranks over any split of the batches gives, on every rank, the histogram of all of them in one
+    process."""
+    import calibration.statistics as stats
+    world = min(world, len(scales))
     gen = torch.Generator().manual_seed(seed)
     batches = [torch.randn(16, 5, generator=gen) * s for s in scales]
     whole = RunningHistogram(bins=64, channels=5)
@@ -104,11 +150,12 @@ def test_histograms_merge_exactly_in_any_split(scales, world, seed):
     parts = [RunningHistogram(bins=64, channels=5) for _ in range(world)]
     for i, b in enumerate(batches):
         parts[i % world].update(b)
-    used = [p for p in parts if p.range > 0]
-    top = max(p.range for p in used)
-    for p in used:
-        p._resize(top)
-    assert whole.range == top
-    for name in ("pos", "neg", "zeros"):
-        assert torch.equal(getattr(whole, name), sum(getattr(p, name) for p in used))
-    assert torch.equal(whole.max_pos, torch.stack([p.max_pos for p in used]).amax(0))
+    fake = ThreadWorld(world)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stats, "all_reduce", fake.all_reduce)
+        mp.setattr(stats, "world_size", lambda: world)
+        fake.run(lambda p: p.merge_ranks(), parts)
+    for p in parts:
+        assert p.range == whole.range
+        for name in ("pos", "neg", "zeros", "max_pos", "max_neg"):
+            assert torch.equal(getattr(whole, name), getattr(p, name)), name

@@ -1,0 +1,149 @@
+"""Mutation check of the core: deliberate bugs, one at a time, each of which some test must catch.
+
+    python -m tests.mutations            # every mutation against its tests (about 5 minutes on 2 cores)
+    python -m tests.mutations --quick    # the cheap ones (the test suite runs these)
+    python -m tests.mutations --only ecm-drops-previous-total
+
+Each mutation replaces one exact piece of source (found exactly once, or the check stops: the list must
+follow the code) in a copy of the working tree and runs the named tests there with ``pytest -x``; a
+mutation *survives* when they all pass. Exit status 1 when any survives.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: Tuple[str, ...]  # pytest node ids or files (with -k expressions after '::-k ')
+    quick: bool = False
+
+
+MUTATIONS: List[Mutation] = [
+    Mutation("if-fires-one-level-too-high", "models/neurons.py",
+             "return torch.clamp(torch.floor(u), -self.num_levels if self.signed else 0, self.num_levels)",
+             "return torch.clamp(torch.floor(u) + (u >= 1).to(u.dtype), -self.num_levels if self.signed else 0, "
+             "self.num_levels)",
+             ("tests/test_neurons.py",), quick=True),
+    Mutation("multi-threshold-hard-reset", "models/neurons.py",
+             "    def __init__(self, levels: int = 8, threshold: float = 1.0, v_init: float = 0.0, signed: bool = True) -> None:\n"
+             "        super().__init__(threshold, v_init)\n",
+             "    def __init__(self, levels: int = 8, threshold: float = 1.0, v_init: float = 0.0, signed: bool = True) -> None:\n"
+             "        super().__init__(threshold, v_init)\n        self.hard_reset = True\n",
+             ("tests/test_neurons.py",), quick=True),
+    Mutation("neuron-ignores-v-init", "models/neurons.py", "u = x_norm + self.v_init", "u = x_norm",
+             ("tests/test_neurons.py",), quick=True),
+    Mutation("ecm-drops-previous-total", "models/ecm.py",
+             "else total - self.total", "else total - 0 * self.total", ("tests/test_ecm.py",), quick=True),
+    Mutation("rewrite-skips-neuron-before-fc2", "convert/rewrite.py",
+             "            if kind == Kind.IMAGE:\n                self.rw.first_layers.add(path)",
+             "            if kind == Kind.IMAGE or path.endswith('fc2'):\n                self.rw.first_layers.add(path)",
+             ("tests/test_convert.py::-k every_linear",), quick=True),
+    Mutation("checkpoint-forgets-timesteps", "convert/checkpoint.py", '"timesteps": snn.timesteps,',
+             '"timesteps": 1,', ("tests/test_outputs.py",)),
+    Mutation("checkpoint-drops-thresholds", "convert/checkpoint.py",
+             'tensors, config["aliases"] = _unshared(snn.net.state_dict())',
+             'tensors, config["aliases"] = _unshared({k: v for k, v in snn.net.state_dict().items() '
+             'if "threshold" not in k})', ("tests/test_outputs.py",)),
+    Mutation("mse-picks-largest-candidate", "calibration/thresholds.py",
+             "best = torch.argmin(errors, dim=1)", "best = torch.zeros_like(torch.argmin(errors, dim=1))",
+             ("tests/test_calibration.py",), quick=True),
+    Mutation("mse-error-ignores-clipping", "calibration/thresholds.py",
+             "q = k * step  # the value each cell is mapped to",
+             "q = torch.cat([k[:-1] * step, k[-1:] * step * 0 + 1e9], -1)  # the value each cell is mapped to",
+             ("tests/test_calibration.py",)),
+    Mutation("histogram-merge-sums-maxima", "calibration/statistics.py",
+             'all_reduce(getattr(self, name), "max")', "all_reduce(getattr(self, name))",
+             ("tests/test_distributed.py::-k merge",), quick=True),
+    Mutation("resume-skips-optimiser-state", "convert/finetune.py",
+             "        _load_optimizer(optimizer, resume_tensors)\n", "        pass\n",
+             ("tests/test_finetune.py::-k resume",)),
+    Mutation("resume-restarts-from-step-0", "convert/finetune.py",
+             'step, history = resume_meta["step"], list(resume_meta["history"])',
+             'step, history = 0, list(resume_meta["history"])',
+             ("tests/test_finetune.py::-k resume",)),
+    Mutation("no-ddp-gradient-averaging", "convert/finetune.py",
+             "    if world_size() > 1:  # torchrun: each rank trains", "    if False:  # torchrun: each rank trains",
+             ("tests/test_distributed.py::-k finetuning",)),
+    Mutation("distillation-teacher-shuffled", "convert/finetune.py",
+             "target = F.softmax(teacher(images) / tau, -1)",
+             "target = F.softmax(teacher(images)[torch.randperm(len(images))] / tau, -1)",
+             ("tests/test_finetune.py::-k distillation",)),
+]
+
+
+def _copy_tree(dest: Path) -> None:
+    ignore = shutil.ignore_patterns(".git", "runs", "outputs", "multirun", "__pycache__", "*.egg-info",
+                                    ".hypothesis", ".pytest_cache")
+    shutil.copytree(ROOT, dest, ignore=ignore, dirs_exist_ok=True)
+
+
+def _pytest_args(tests: Tuple[str, ...]) -> List[str]:
+    args: List[str] = []
+    for t in tests:
+        path, _, k = t.partition("::-k ")
+        args += [path] + (["-k", k] if k else [])
+    return args
+
+
+def check_applies(m: Mutation, root: Path = ROOT) -> None:
+    """The mutated text occurs exactly once (else the list no longer follows the code)."""
+    count = (root / m.path).read_text().count(m.old)
+    if count != 1:
+        raise ValueError(f"mutation {m.name}: its text occurs {count} times in {m.path}, not once")
+
+
+def run_one(m: Mutation, copy: Path) -> Tuple[bool, float]:
+    """(survived, seconds) of one mutation applied to ``copy``, restored afterwards."""
+    target = copy / m.path
+    source = target.read_text()
+    check_applies(m, copy)
+    target.write_text(source.replace(m.old, m.new))
+    start = time.time()
+    try:
+        res = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                              *_pytest_args(m.tests)], cwd=copy, capture_output=True, text=True)
+    finally:
+        target.write_text(source)
+    return res.returncode == 0, time.time() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only the cheap mutations")
+    parser.add_argument("--only", nargs="+", help="mutation names")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if (not args.quick or m.quick) and (not args.only or m.name in args.only)]
+    for m in chosen:
+        check_applies(m)
+    survivors = []
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "tree"
+        _copy_tree(copy)
+        for m in chosen:
+            survived, seconds = run_one(m, copy)
+            print(f"{'SURVIVED' if survived else 'killed  '}  {m.name:40s} {seconds:5.1f} s  ({', '.join(m.tests)})",
+                  flush=True)
+            if survived:
+                survivors.append(m.name)
+    print(f"{len(chosen) - len(survivors)} of {len(chosen)} mutations killed"
+          + (f"; surviving: {', '.join(survivors)}" if survivors else ""))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
