@@ -19,6 +19,7 @@ from torch.utils.data import Subset
 from benchmarks import calibration as cal_bench
 from benchmarks import outputs
 from benchmarks.core import calibration_images, fidelity, machine_info, peak_memory_mb, timing
+from convert import DEFAULTS
 from convert.plots import png_bytes, sweep_figure
 from convert.run import sweep_rows
 from models.data import fashion_mnist
@@ -48,7 +49,8 @@ def markdown(core_res, cal_res, command) -> str:
              f"Measured with `{command}` on {core_res['date']}: {core_res['machine']}; "
              f"data: Fashion-MNIST test split ({core_res['images']} images) from {core_res['data']}. "
              "Ratios are measured within one run.", "",
-             "## Fidelity: vit_fmnist, training-free (defaults: signed IF, per-channel percentile 99.5, no correction)", "",
+             "## Fidelity: vit_fmnist, training-free (defaults: signed IF, "
+             f"{DEFAULTS['calibration']} thresholds, per channel, no correction)", "",
              "| neuron | ANN top-1 | " + " | ".join(f"T={t}" for t in CHECK_T) + " |",
              "|---|---|" + "---|" * len(CHECK_T)]
     for name, res in core_res["fidelity"].items():

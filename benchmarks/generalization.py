@@ -120,11 +120,11 @@ def figure(res: dict):
 
 def write_section(path: Path, body: str) -> None:
     text = path.read_text() if path.exists() else ""
-    section = f"{START}\n{body}\n{END}"
+    section = f"{START}\n## Do the defaults generalise? Models x T x alphabet\n\n{body}\n{END}"
     if START in text:
         text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
     else:
-        text = text.rstrip("\n") + "\n\n## Do the defaults generalise? Models x T x alphabet\n\n" + section + "\n"
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(path)

@@ -61,8 +61,9 @@ def build_overrides(args: argparse.Namespace) -> List[str]:
     overrides = []
     given = {o.split("=", 1)[0].lstrip("+~") for o in args.overrides}
     if args.model != "vit_fmnist":
+        from models.zoo import FMNIST_MODELS
         overrides += ["model=timm", f"model.name={args.model}"]
-        if "data" not in given:
+        if "data" not in given and args.model not in FMNIST_MODELS:  # the reference models keep Fashion-MNIST
             overrides.append("data=imagenet")
     if args.timesteps is not None:
         overrides.append(f"timesteps={args.timesteps}")

@@ -44,9 +44,8 @@ def _metadata(path):
     return {k: v for k, v in config.items() if k != "finetune_report"}
 
 
-@pytest.mark.parametrize("extra", [[], ["calibration.correction=bias", "neuron.levels=2"]],
-                         ids=["defaults", "bias-correction"])
-def test_two_processes_equal_one(tmp_path, extra):
+@pytest.mark.parametrize("extra", [["calibration.correction=bias", "neuron.levels=2"]], ids=["bias-correction"])
+def test_two_processes_equal_one(tmp_path, extra):  # the defaults plus bias correction (its own rank merge)
     one = _single(*COMMON, *extra, "--out", str(tmp_path / "one"))
     two = _torchrun(*COMMON, *extra, "--out", str(tmp_path / "two"))
     assert one.returncode == 0, one.stderr[-2000:]

@@ -110,3 +110,15 @@ def test_finetuning_and_the_energy_report_work_on_other_families(name):
     assert loss() < 0.98 * before  # levit falls least (1.93 -> 1.89); the others by 10% or more
     report = energy_report(snn, x[:4])
     assert report["snn_sops"] > 0 and 0 < report["analog_share"] < 1
+
+
+@pytest.mark.parametrize("name", ["swin", "beit"])
+@pytest.mark.parametrize("attention", ["ssa", "a2os2a"])
+def test_softmax_free_variants_refuse_attention_masks_by_name(name, attention):
+    """Shifted-window masks and relative position biases are added before a softmax that ssa / a2os2a do not
+    have: refused with the module path, nothing converted silently wrong."""
+    from convert import UnsupportedModuleError
+    ann, size = tiny(name)
+    with pytest.raises(UnsupportedModuleError, match=f"attention={attention} has no softmax to take this "
+                                                     "attention's mask"):
+        convert(ann, images(size, 2, seed=0), timesteps=2, attention=attention, progress=False)

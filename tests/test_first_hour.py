@@ -117,3 +117,13 @@ def test_the_shipped_coverage_table_matches_timm():
     archs = json.loads(COVERAGE_TABLE.read_text())["architectures"]
     assert len(archs) > 500 and all(timm.is_model(a) for a in archs)
     assert archs["vit_base_patch16_224"] == "" and archs["eva02_tiny_patch14_224"] == ""
+
+
+def test_every_reference_model_runs_from_the_cli_on_fashion_mnist(tmp_path):
+    """`python -m convert vit_fmnist_gap` (any shipped reference model) uses its own weights and Fashion-MNIST."""
+    from models.zoo import ASSETS, FMNIST_MODELS
+    shipped = [n for n in FMNIST_MODELS if n != "vit_fmnist" and (ASSETS / f"{n}.safetensors").is_file()]
+    assert shipped
+    assert main([shipped[0], *FAST, "progress=false", "--out", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["variants"]["default"]["ann_top1"] > 50  # trained weights on the right data, not chance
