@@ -87,8 +87,8 @@ MUTATIONS: List[Mutation] = [
 
 
 def _copy_tree(dest: Path) -> None:
-    ignore = shutil.ignore_patterns(".git", "runs", "outputs", "multirun", "__pycache__", "*.egg-info",
-                                    ".hypothesis", ".pytest_cache")
+    ignore = shutil.ignore_patterns(".git", ".venv*", "venv", "runs", "outputs", "multirun", "__pycache__",
+                                    "*.egg-info", ".hypothesis", ".pytest_cache")
     shutil.copytree(ROOT, dest, ignore=ignore, dirs_exist_ok=True)
 
 
