@@ -78,20 +78,12 @@ class TimeAveraged(nn.Module):
     def __init__(self, net: nn.Module, timesteps: int, grad_checkpoint: bool = False) -> None:
         super().__init__()
         self.net, self.timesteps, self.grad_checkpoint = net, timesteps, grad_checkpoint
-        self.shapes_seen: set = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = self.timesteps
         set_step_mode(self.net, "m", T)
         folded = x.repeat(T, *([1] * (x.dim() - 1)))
         try:
-            if self.grad_checkpoint and folded.shape not in self.shapes_seen:
-                # a module specialised to its input shapes (convert.rewrite) re-specialises on a new shape; do it
-                # outside the checkpoint, so that the backward pass recomputes exactly the forward's operations
-                with torch.no_grad():
-                    self.net(folded)
-                reset_net(self.net)
-                self.shapes_seen.add(folded.shape)
             with _checkpointed_blocks(self.net, self.grad_checkpoint):
                 out = self.net(folded)
         finally:
