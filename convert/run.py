@@ -52,6 +52,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest existing parent: where a folder about to be made will take its space from."""
+    return next(p for p in [path, *path.absolute().parents] if p.exists())
+
+
 def output_folder(cfg: DictConfig) -> Path:
     """The run folder (created when results are written); it must be creatable before any work starts."""
     if cfg.out:
@@ -61,7 +66,7 @@ def output_folder(cfg: DictConfig) -> Path:
         out = Path("runs") / f"{stamp}_{cfg.model.name.replace('/', '_')}"
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output path {out} exists and is not a folder: choose another --out")
-    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    existing = _nearest_existing(out)
     try:  # a probe file: permissions, read-only mounts and pseudo file systems all answer here, not at the end
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".vit-snn-probe-")
         os.close(fd)
@@ -145,7 +150,7 @@ def check_resources(cfg: DictConfig, ann: torch.nn.Module, device: torch.device,
         check_memory(ann, inputs, device, "fine-tuning", cfg.finetune.batch_size, cfg.finetune.timesteps or T, "m",
                      training=True, grad_checkpoint=cfg.finetune.grad_checkpoint, elements=elements)
     weights = sum(t.numel() * t.element_size() for t in ann.state_dict().values())
-    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    existing = _nearest_existing(out)
     free = shutil.disk_usage(existing).free
     if free < 3 * weights + MIN_FREE_BYTES:  # the SNN checkpoint (weights, thresholds, staging copy) and plots
         raise OSError(28, f"only {free / 2 ** 20:.0f} MB free for the output folder, the SNN checkpoint alone needs "
