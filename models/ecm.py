@@ -34,6 +34,40 @@ def _map(fn, out):
     return tuple(fn(o) for o in out) if isinstance(out, (tuple, list)) else fn(out)
 
 
+# Without autograd the helpers below work in place on tensors the module owns (fresh results of its own
+# operations): the same operations in the same order as the out-of-place forms, so bitwise the same values.
+
+def _scaled(y: torch.Tensor, t) -> torch.Tensor:
+    """y * t."""
+    return y * t if torch.is_grad_enabled() else y.mul_(t)
+
+
+def _divided(y: torch.Tensor, t) -> torch.Tensor:
+    """y / t."""
+    return y / t if torch.is_grad_enabled() else y.div_(t)
+
+
+def _difference(cur: torch.Tensor, prev: torch.Tensor, reuse: bool) -> torch.Tensor:
+    """cur - prev, written over ``prev`` when ``reuse`` says no caller holds it."""
+    return torch.sub(cur, prev, out=prev) if reuse and not torch.is_grad_enabled() else cur - prev
+
+
+def _cumulative_mean(xs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """[T, B, ...] -> the running means S(t) / t."""
+    return _divided(torch.cumsum(xs, dim=0), t)
+
+
+def _step_differences(totals: torch.Tensor) -> torch.Tensor:
+    """[T, B, ...] totals -> the increments totals[t] - totals[t - 1] (the first row kept)."""
+    if torch.is_grad_enabled():  # not in place: softmax's backward needs its output
+        diff = totals.clone()
+        diff[1:] -= totals[:-1]
+        return diff
+    for i in range(totals.shape[0] - 1, 0, -1):  # last row first, so every row subtracts an unchanged one
+        totals[i].sub_(totals[i - 1])
+    return totals
+
+
 class Method:
     """``Method("softmax")(x, -1)`` is ``x.softmax(-1)``: a traced tensor method as a plain callable."""
 
@@ -74,28 +108,26 @@ class ExpectationCompensation(StatefulModule):
         self.sums = [_accumulate(None if self.sums is None else s, args[i])
                      for s, i in zip(self.sums or [None] * len(self.streams), self.streams)]
         t = self.t
-        total = _map(lambda y: y * t, self.fn(*self._means(args, [s / t for s in self.sums]), **kwargs))
+        total = _map(lambda y: _scaled(y, t), self.fn(*self._means(args, [s / t for s in self.sums]), **kwargs))
         if self.total is None:
             out = total
+        elif isinstance(total, tuple):
+            out = tuple(_difference(a, b, reuse=t > 2) for a, b in zip(total, self.total))
         else:
-            out = tuple(a - b for a, b in zip(total, self.total)) if isinstance(total, tuple) else total - self.total
+            out = _difference(total, self.total, reuse=t > 2)
         self.total = total
         return out
 
     def multi_step(self, *args, **kwargs):
         first = self.unfold(args[self.streams[0]])
         t = self.step_index(first)
-        means = [self.fold(torch.cumsum(self.unfold(args[i]), dim=0) / t) for i in self.streams]
+        means = [self.fold(_cumulative_mean(self.unfold(args[i]), t)) for i in self.streams]
         out = self.fn(*self._means(args, means), **kwargs)
-
-        def difference(y):
+        def increments(y):
             totals = self.unfold(y)
-            totals = totals * self.step_index(totals)  # not in place: softmax's backward needs its output
-            diff = totals.clone()
-            diff[1:] -= totals[:-1]
-            return self.fold(diff)
+            return self.fold(_step_differences(_scaled(totals, self.step_index(totals))))
 
-        return _map(difference, out)
+        return _map(increments, out)
 
     def extra_repr(self) -> str:
         fn = "" if isinstance(self.fn, nn.Module) else f"fn={self.fn!r}, "
@@ -120,8 +152,8 @@ class SpikeProduct(StatefulModule):
         self.t += 1
         self.sum_a = _accumulate(self.sum_a, a)
         self.sum_b = _accumulate(self.sum_b, b)
-        cur = self.op(self.sum_a, self.sum_b) / self.t
-        out = cur if self.prev is None else cur - self.prev
+        cur = _divided(self.op(self.sum_a, self.sum_b), self.t)
+        out = cur if self.prev is None else _difference(cur, self.prev, reuse=self.t > 2)
         self.prev = cur
         return out
 
@@ -129,10 +161,7 @@ class SpikeProduct(StatefulModule):
         sa = torch.cumsum(self.unfold(a), dim=0)
         sb = torch.cumsum(self.unfold(b), dim=0)
         cur = self.unfold(self.op(self.fold(sa), self.fold(sb)))
-        cur = cur / self.step_index(cur)
-        out = cur.clone()
-        out[1:] -= cur[:-1]
-        return self.fold(out)
+        return self.fold(_step_differences(_divided(cur, self.step_index(cur))))
 
     def extra_repr(self) -> str:
         return f"op={getattr(self.op, '__name__', self.op)!r}, {super().extra_repr()}"

@@ -39,6 +39,7 @@ class BaseNeuron(StatefulModule):
         self.channel_axis = -1  # the channel axis of the input: -1 (features last) or 1 (NCHW, before a Conv)
         self.surrogate: Optional[Surrogate] = None  # set while fine-tuning
         self.u: Optional[torch.Tensor] = None
+        self._theta: Optional[torch.Tensor] = None
 
     @property
     def max_level(self) -> int:
@@ -72,40 +73,59 @@ class BaseNeuron(StatefulModule):
 
     def reset(self) -> None:
         self.u = None
+        self._theta = None  # the threshold shaped for this sequence's inputs, computed at its first step
 
-    def _integrate(self, u: Optional[torch.Tensor], x_norm: torch.Tensor):
-        """One step in threshold units: returns the new membrane and the integer levels k."""
+    def _integrate(self, u: Optional[torch.Tensor], x: torch.Tensor, theta: torch.Tensor):
+        """One step: u <- leak * u + x / theta; returns the new membrane and the integer levels k.
+
+        Without autograd it runs in place on ``u`` (which the neuron owns) with fused updates: the same
+        operations in the same order (addcdiv is u + x / theta), so bitwise the same values, without
+        temporaries."""
+        inplace = not torch.is_grad_enabled()
         if u is None:
-            u = x_norm + self.v_init
+            u = (x / theta).add_(self.v_init) if inplace else x / theta + self.v_init
+        elif inplace:
+            u = (u.mul_(self.leak) if self.leak != 1.0 else u).addcdiv_(x, theta)
         else:
-            u = u * self.leak + x_norm if self.leak != 1.0 else u + x_norm
+            u = (u * self.leak if self.leak != 1.0 else u) + x / theta
         k = self.fire(u)
         if self.surrogate is not None and torch.is_grad_enabled():
             g = self.surrogate(u, self.jumps())
             k, k_reset = k + (g - g.detach()), k
         else:
             k_reset = k
-        u = torch.where(k_reset != 0, torch.zeros_like(u), u) if self.hard_reset else u - k_reset
+        if inplace:
+            u = u.masked_fill_(k_reset != 0, 0.0) if self.hard_reset else u.sub_(k_reset)
+        else:
+            u = torch.where(k_reset != 0, torch.zeros_like(u), u) if self.hard_reset else u - k_reset
         return u, k
 
     def single_step(self, x: torch.Tensor) -> torch.Tensor:
         if self.analog:
             return x if self.signed else torch.clamp(x, min=0)
-        theta = self.theta(x)
-        self.u, k = self._integrate(self.u, x / theta)
-        return k * theta
+        if self.u is None or self._theta is None:  # first step of a sequence
+            self._theta = self.theta(x)
+        theta = self._theta
+        self.u, k = self._integrate(self.u, x, theta)
+        return k * theta if torch.is_grad_enabled() else k.mul_(theta)
 
     def multi_step(self, x: torch.Tensor) -> torch.Tensor:
         if self.analog:
             return self.single_step(x)
         theta = self.theta(x)
-        xs = self.unfold(x / theta)
-        out = []
+        xs = self.unfold(x)
         u = None  # one multi-step call covers steps 1..T from a reset state, like every stateful module
+        if not torch.is_grad_enabled():  # every step writes k * theta straight into its slice of the output
+            out = torch.empty_like(xs)
+            for t in range(xs.shape[0]):
+                u, k = self._integrate(u, xs[t], theta)
+                torch.mul(k, theta, out=out[t])
+            return self.fold(out)
+        steps = []
         for t in range(xs.shape[0]):
-            u, k = self._integrate(u, xs[t])
-            out.append(k)
-        return self.fold(torch.stack(out) * theta)
+            u, k = self._integrate(u, xs[t], theta)
+            steps.append(k * theta)
+        return self.fold(torch.stack(steps))
 
     def extra_repr(self) -> str:
         return f"levels={self.levels()}, v_init={self.v_init}, {super().extra_repr()}"
@@ -127,7 +147,7 @@ class IFNeuron(BaseNeuron):
         return list(range(low, self.num_levels + 1))
 
     def fire(self, u: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.floor(u), -self.num_levels if self.signed else 0, self.num_levels)
+        return torch.floor(u).clamp_(-self.num_levels if self.signed else 0, self.num_levels)
 
     def jumps(self) -> List[Tuple[float, float]]:
         """floor steps up by one at every integer from the lowest level + 1 to L."""

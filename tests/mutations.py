@@ -35,8 +35,8 @@ class Mutation:
 
 MUTATIONS: List[Mutation] = [
     Mutation("if-fires-one-level-too-high", "models/neurons.py",
-             "return torch.clamp(torch.floor(u), -self.num_levels if self.signed else 0, self.num_levels)",
-             "return torch.clamp(torch.floor(u) + (u >= 1).to(u.dtype), -self.num_levels if self.signed else 0, "
+             "return torch.floor(u).clamp_(-self.num_levels if self.signed else 0, self.num_levels)",
+             "return (torch.floor(u) + (u >= 1).to(u.dtype)).clamp_(-self.num_levels if self.signed else 0, "
              "self.num_levels)",
              ("tests/test_neurons.py",), quick=True),
     Mutation("multi-threshold-hard-reset", "models/neurons.py",
@@ -45,10 +45,16 @@ MUTATIONS: List[Mutation] = [
              "    def __init__(self, levels: int = 8, threshold: float = 1.0, v_init: float = 0.0, signed: bool = True) -> None:\n"
              "        super().__init__(threshold, v_init)\n        self.hard_reset = True\n",
              ("tests/test_neurons.py",)),
-    Mutation("neuron-ignores-v-init", "models/neurons.py", "u = x_norm + self.v_init", "u = x_norm",
+    Mutation("neuron-ignores-v-init", "models/neurons.py",
+             "u = (x / theta).add_(self.v_init) if inplace else x / theta + self.v_init", "u = x / theta",
              ("tests/test_neurons.py",)),
+    Mutation("fused-neuron-forgets-threshold", "models/neurons.py", ".addcdiv_(x, theta)", ".add_(x)",
+             ("tests/test_fused.py",)),
+    Mutation("fused-ecm-overwrites-a-returned-output", "models/ecm.py",
+             "out = _difference(total, self.total, reuse=t > 2)", "out = _difference(total, self.total, reuse=t > 1)",
+             ("tests/test_fused.py",)),
     Mutation("ecm-drops-previous-total", "models/ecm.py",
-             "else total - self.total", "else total - 0 * self.total", ("tests/test_ecm.py",)),
+             "out = _difference(total, self.total,", "out = _difference(total, 0 * self.total,", ("tests/test_ecm.py",)),
     Mutation("rewrite-skips-neuron-before-fc2", "convert/rewrite.py",
              "            if kind == Kind.IMAGE:\n                self.rw.first_layers.add(path)",
              "            if kind == Kind.IMAGE or path.endswith('fc2'):\n                self.rw.first_layers.add(path)",

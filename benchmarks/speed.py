@@ -1,0 +1,228 @@
+"""Simulation speed: images/s and the cost of one SNN timestep relative to one ANN forward.
+
+    python -m benchmarks.speed [--models vit_fmnist vit_base_patch16_224] [--device cuda] [--batch 64 8]
+                               [--timesteps 1 4 16] [--bf16] [--quick]
+
+For every model (a reference model from models/zoo.py with its weights and Fashion-MNIST images, or any
+timm name with random weights and random images at its own input size) and its batch size: one conversion
+with the default options, then, in the same process and interleaved so that drifts of the machine hit
+both alike, the best of ``--repeats`` timings of one ANN forward and of ``simulate`` for every T in step
+('s') and multi-step ('m') mode. Reported per (mode, T): images/s and the per-step ratio
+(simulation seconds / T / ANN forward seconds). Also: peak memory of the simulation (CUDA: the allocator's
+peak; CPU: the peak resident size of a fresh process running it, VmHWM), where the time goes per module
+type (self time from forward hooks, at the largest T, both modes), and with ``--bf16`` the speed and the
+effect on predictions of running the analog layers under bfloat16 autocast.
+Writes benchmarks/results/speed[-quick].json and the ``speed`` section of BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+from benchmarks.core import machine_info
+from benchmarks.outputs import benchmark_main
+from convert import convert
+from models.zoo import FMNIST_MODELS, create_ann
+
+BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
+MODES = ("s", "m")
+
+
+def model_and_images(name: str, batch: int, device: str):
+    """The ANN in eval mode and a batch of its inputs (bundled Fashion-MNIST images for reference models)."""
+    if name in FMNIST_MODELS:
+        from models.data import load_bundled_fmnist
+        ann, x = create_ann(name), load_bundled_fmnist("test").tensors[0][:batch]
+    else:
+        import timm
+        ann = timm.create_model(name, pretrained=False)
+        size = ann.pretrained_cfg.get("input_size", (3, 224, 224))
+        x = torch.randn(batch, *size, generator=torch.Generator().manual_seed(0))
+    return ann.eval().to(device), x.to(device)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _seconds(fn, device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def module_profile(snn, x, timesteps: int) -> Dict[str, float]:
+    """Self time (s) per module type over one simulation: each module's forward minus its children's."""
+    times: Dict[str, float] = collections.Counter()
+    stack: List[list] = []
+
+    def pre(module, args):
+        stack.append([time.perf_counter(), 0.0])
+
+    def post(module, args, out):
+        start, children = stack.pop()
+        spent = time.perf_counter() - start
+        times[type(module).__name__] += spent - children
+        if stack:
+            stack[-1][1] += spent
+
+    handles = [h for m in snn.net.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        snn.simulate(x, timesteps)
+    finally:
+        for h in handles:
+            h.remove()
+    return dict(times)
+
+
+def peak_memory_mb(name: str, batch: int, mode: str, T: int, device: str) -> float:
+    """Peak memory (MB) of simulating T steps: the CUDA allocator's peak, or on CPU the growth of the peak
+    resident size of a fresh process (VmHWM) during the simulation."""
+    code = ("import re, torch; from benchmarks.speed import model_and_images; from convert import convert;"
+            "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1));"
+            f"ann, x = model_and_images({name!r}, {batch}, {device!r});"
+            f"snn = convert(ann, x[:2], timesteps={T}, step_mode={mode!r}, progress=False);"
+            "cuda = x.is_cuda; torch.cuda.reset_peak_memory_stats() if cuda else None;"
+            "base = torch.cuda.memory_allocated() if cuda else hwm(); snn.simulate(x);"
+            "print(((torch.cuda.max_memory_allocated() - base) / 2**20) if cuda else (hwm() - base) / 1024)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"memory probe for {name} failed:\n{res.stderr[-2000:]}")
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def measure(name: str, batch: int, timesteps, device: str = "cpu", repeats: int = 3, profile: bool = True,
+            memory: bool = True, bf16: bool = False) -> dict:
+    torch.manual_seed(0)
+    ann, x = model_and_images(name, batch, device)
+    snn = convert(ann, x, timesteps=max(timesteps), progress=False)
+    best = {"ann": float("inf"), **{(m, T): float("inf") for m in MODES for T in timesteps}}
+
+    def simulate(mode, T):
+        snn.step_mode = mode
+        snn.simulate(x, T)
+
+    with torch.no_grad():
+        ann(x)  # warm-up: first calls allocate and pick kernels
+        for mode in MODES:
+            simulate(mode, min(timesteps))
+        for _ in range(repeats):
+            best["ann"] = min(best["ann"], _seconds(lambda: ann(x), device))
+            for mode in MODES:
+                for T in timesteps:
+                    best[mode, T] = min(best[mode, T], _seconds(lambda: simulate(mode, T), device))
+    res = {"batch": batch, "images": "Fashion-MNIST (bundled)" if name in FMNIST_MODELS else "random",
+           "input": list(x.shape[1:]), "ann_forward_s": best["ann"], "ann_images_per_s": batch / best["ann"],
+           "modes": {m: {str(T): {"simulate_s": best[m, T], "images_per_s": batch / best[m, T],
+                             "per_step_ratio": best[m, T] / T / best["ann"]} for T in timesteps} for m in MODES}}
+    if profile:
+        res["profile"] = {}
+        for mode in MODES:
+            snn.step_mode = mode
+            res["profile"][mode] = module_profile(snn, x, max(timesteps))
+    if bf16:
+        res["bf16"] = bf16_effect(snn, x, max(timesteps), device, repeats)
+    if memory:
+        res["peak_memory_mb"] = {m: {str(T): peak_memory_mb(name, batch, m, T, device) for T in timesteps} for m in MODES}
+    return res
+
+
+def bf16_effect(snn, x, T: int, device: str, repeats: int) -> dict:
+    """bfloat16 autocast around the simulation (Linear/Conv/matmul in bf16, neurons as the dtypes fall):
+    seconds per simulation in both modes, and agreement of its top-1 predictions with float32's."""
+    out = {}
+    for mode in MODES:
+        snn.step_mode = mode
+        ref = snn.simulate(x, T)[-1]
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+            low = snn.simulate(x, T)[-1].float()
+            seconds = min(_seconds(lambda: snn.simulate(x, T), device) for _ in range(repeats))
+        fp32 = min(_seconds(lambda: snn.simulate(x, T), device) for _ in range(repeats))
+        out[mode] = {"T": T, "speedup": fp32 / seconds, "top1_agreement": float((low.argmax(-1) == ref.argmax(-1))
+                                                                                  .float().mean() * 100),
+                     "max_logit_error": float((low - ref).abs().max() / ref.abs().max())}
+    return out
+
+
+def run(models, batches, timesteps, device="cpu", repeats=3, profile=True, memory=True, bf16=False) -> dict:
+    if len(batches) not in (1, len(models)):
+        raise SystemExit(f"--batch takes one size or one per model ({len(models)}), got {len(batches)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here; run without --device for the CPU")
+    batches = batches * len(models) if len(batches) == 1 else batches
+    info = machine_info("bundled Fashion-MNIST images / random inputs")
+    if device.startswith("cuda"):
+        info["machine"] += f", {torch.cuda.get_device_name()}"
+    return {**info, "device": device, "timesteps": list(timesteps),
+            "models": {name: measure(name, b, list(timesteps), device, repeats, profile, memory, bf16)
+                       for name, b in zip(models, batches)}}
+
+
+def markdown(res: dict, command: str) -> str:
+    Ts = res["timesteps"]
+    lines = [BEGIN, "## Speed: one timestep vs one ANN forward", "",
+             f"Measured with `{command}` on {res['date']}: {res['machine']}, device {res['device']}. "
+             "Best of several interleaved timings in one process; per-step ratio = simulation seconds / T / "
+             "one ANN forward's seconds (1.0 is the cost of dense simulation: one pass of the network per step).",
+             "", "| model | batch | ANN images/s | mode | " + " | ".join(f"T={T} ratio (img/s)" for T in Ts)
+             + " | peak MB at " + f"T={Ts[-1]} |", "|---|---|---|---|" + "---|" * (len(Ts) + 1)]
+    for name, r in res["models"].items():
+        for mode in MODES:
+            cells = [f"{r['modes'][mode][str(T)]['per_step_ratio']:.2f}x ({r['modes'][mode][str(T)]['images_per_s']:.1f})"
+                     for T in Ts]
+            peak = r.get("peak_memory_mb", {}).get(mode, {}).get(str(Ts[-1]))
+            lines.append(f"| {name} | {r['batch']} | {r['ann_images_per_s']:.1f} | "
+                         f"{'step' if mode == 's' else 'multi-step'} | " + " | ".join(cells)
+                         + f" | {'-' if peak is None else f'{peak:.0f}'} |")
+    for name, r in res["models"].items():
+        if "profile" not in r:
+            continue
+        lines += ["", f"Where the time goes, {name} (batch {r['batch']}, T={Ts[-1]}; self time per module type "
+                  "from forward hooks, which add their own small cost; share of the total, %):", "",
+                  "| module type | step | multi-step |", "|---|---|---|"]
+        totals = {m: sum(r["profile"][m].values()) for m in MODES}
+        kinds = sorted(set(r["profile"]["s"]) | set(r["profile"]["m"]), key=lambda k: -r["profile"]["s"].get(k, 0))
+        for kind in kinds[:12]:
+            lines.append(f"| {kind} | " + " | ".join(f"{100 * r['profile'][m].get(kind, 0) / totals[m]:.1f}"
+                                                     for m in MODES) + " |")
+    for name, r in res["models"].items():
+        if "bf16" in r:
+            for mode, b in r["bf16"].items():
+                lines.append(f"- {name}, bf16 autocast, {'step' if mode == 's' else 'multi-step'}, T={b['T']}: "
+                             f"{b['speedup']:.2f}x the float32 speed, top-1 agreement with float32 "
+                             f"{b['top1_agreement']:.1f}%, largest logit error {b['max_logit_error']:.3f} of the "
+                             "largest logit")
+    return "\n".join(lines + ["", END]) + "\n"
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=["vit_fmnist", "vit_base_patch16_224"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[64, 8], help="one size, or one per model")
+    parser.add_argument("--timesteps", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true")
+
+
+def main() -> None:
+    def full(a):
+        return run(a.models, a.batch, a.timesteps, a.device, a.repeats, bf16=a.bf16)
+
+    def quick(a):  # seconds: the small reference model, small batch, no memory probes
+        return run(["vit_fmnist"], [8], (1, 2), a.device, repeats=1, memory=False, bf16=a.bf16)
+
+    benchmark_main("speed", __doc__, run_full=full, run_quick=quick, markdown=markdown, add_arguments=_arguments)
+
+
+if __name__ == "__main__":
+    main()

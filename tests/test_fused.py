@@ -1,0 +1,119 @@
+"""The fused simulation path (in place, no temporaries; taken whenever autograd is off) computes bitwise what
+the reference path computes (out of place; taken under autograd, the fine-tuning path), and no output, once
+returned, is changed by a later step."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from benchmarks import speed
+from models.ecm import ExpectationCompensation, SpikeProduct
+from models.families import tiny
+from models.state import reset_net, run_steps, set_step_mode
+from tests.test_ecm import FUNCTIONS, _randomise
+from tests.test_families import images
+from tests.test_neurons import NEURONS
+from convert import convert
+
+
+def _both_paths(module, xs, mode):
+    """Outputs of each step ([T, ...]) on the fused path and on the reference path, plus, for the fused path,
+    copies of the outputs taken when they were returned (a later step must not change them)."""
+    T = len(xs[0])
+    results, taken = [], []
+    for grad in (False, True):
+        reset_net(module)
+        set_step_mode(module, mode, T)
+        with torch.set_grad_enabled(grad):
+            if mode == "m":
+                out = module(*(x.reshape(T * x.shape[1], *x.shape[2:]) for x in xs))
+                out = out.reshape(T, -1, *out.shape[1:])
+            else:
+                steps = []
+                for t in range(T):
+                    steps.append(module(*(x[t] for x in xs)))
+                    if not grad:
+                        taken.append(steps[-1].clone())
+                out = torch.stack(steps)
+        results.append(out.detach())
+    reset_net(module)
+    return results[0], results[1], taken
+
+
+def _shaped_threshold(neuron, shape, kind, gen):
+    """A scalar, per-channel (last axis or axis 1) or prefix-token-rows threshold, positive."""
+    if kind == "scalar" or len(shape) < 2:
+        return
+    if kind == "rows" and len(shape) >= 3:
+        neuron.threshold = nn.Parameter(torch.rand(2, shape[-1], generator=gen) + 0.1, requires_grad=False)
+    elif kind == "axis1":
+        neuron.channel_axis = 1
+        neuron.threshold = nn.Parameter(torch.rand(shape[1], generator=gen) + 0.1, requires_grad=False)
+    else:
+        neuron.threshold = nn.Parameter(torch.rand(shape[-1], generator=gen) + 0.1, requires_grad=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(idx=st.integers(0, len(NEURONS) - 1), T=st.integers(1, 9), mode=st.sampled_from("sm"),
+       shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+       kind=st.sampled_from(["scalar", "last", "axis1", "rows"]), seed=st.integers(0, 10_000))
+def test_fused_neuron_is_bitwise_the_reference(idx, T, mode, shape, kind, seed):
+    gen = torch.Generator().manual_seed(seed)
+    neuron = NEURONS[idx]()
+    _shaped_threshold(neuron, shape, kind, gen)
+    xs = torch.randn(T, *shape, generator=gen) * 3 * neuron.max_level
+    fused, reference, taken = _both_paths(neuron, [xs], mode)
+    assert torch.equal(fused, reference)
+    assert all(torch.equal(a, b) for a, b in zip(taken, fused))
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(sorted(FUNCTIONS)), T=st.integers(1, 8), mode=st.sampled_from("sm"),
+       batch=st.integers(1, 3), seed=st.integers(0, 10_000))
+def test_fused_expectation_compensation_is_bitwise_the_reference(name, T, mode, batch, seed):
+    torch.manual_seed(seed)
+    ecm = ExpectationCompensation(_randomise(FUNCTIONS[name]()))
+    xs = torch.randn(T, batch, 6) * 3
+    fused, reference, taken = _both_paths(ecm, [xs], mode)
+    assert torch.equal(fused, reference)
+    assert all(torch.equal(a, b) for a, b in zip(taken, fused))
+
+
+@settings(max_examples=30, deadline=None)
+@given(T=st.integers(1, 8), mode=st.sampled_from("sm"), b=st.integers(1, 3), n=st.integers(1, 5),
+       d=st.integers(1, 4), seed=st.integers(0, 10_000))
+def test_fused_spike_product_is_bitwise_the_reference(T, mode, b, n, d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randint(-2, 3, (T, b, n, d), generator=gen).float() * 0.3
+    c = torch.randint(-2, 3, (T, b, d, n), generator=gen).float() * 0.7
+    fused, reference, taken = _both_paths(SpikeProduct(), [a, c], mode)
+    assert torch.equal(fused, reference)
+    assert all(torch.equal(x, y) for x, y in zip(taken, fused))
+
+
+@pytest.mark.parametrize("name, options", [("vit", {}), ("swin", {"levels": 2}), ("eva02", {}),
+                                           ("vit", {"neuron": "multi_threshold", "levels": 4}),
+                                           ("vit", {"neuron": "ternary", "attention": "a2os2a"}),
+                                           ("vit", {"attention": "ssa"})])
+def test_fused_network_simulation_is_bitwise_the_reference(name, options):
+    ann, size = tiny(name)
+    x = images(size, 3, seed=4)
+    snn = convert(ann, x, timesteps=4, progress=False, **options)
+    for mode in "sm":
+        with torch.no_grad():
+            fused = run_steps(snn.net, x, 4, mode)
+        with torch.enable_grad():
+            reference = run_steps(snn.net, x, 4, mode).detach()
+        assert torch.equal(fused, reference), mode
+
+
+def test_speed_benchmark_quick_mode_runs_and_renders():
+    res = speed.run(["vit_fmnist"], [4], (1, 2), repeats=1, memory=False)
+    r = res["models"]["vit_fmnist"]
+    assert set(r["modes"]) == {"s", "m"} and all(v["per_step_ratio"] > 0 for m in r["modes"].values()
+                                                for v in m.values())
+    assert "SignedIFNeuron" in r["profile"]["s"] and "ExpectationCompensation" in r["profile"]["m"]
+    md = speed.markdown(res, "test")
+    assert md.startswith(speed.BEGIN) and "| vit_fmnist | 4 |" in md and md.rstrip().endswith(speed.END)
+    with pytest.raises(SystemExit, match="one per model"):
+        speed.run(["vit_fmnist", "vit_fmnist"], [4, 4, 4], (1,))
