@@ -11,7 +11,10 @@ both alike, the best of ``--repeats`` timings of one ANN forward and of ``simula
 (simulation seconds / T / ANN forward seconds). Also: peak memory of the simulation (CUDA: the allocator's
 peak; CPU: the peak resident size of a fresh process running it, VmHWM), where the time goes per module
 type (self time from forward hooks, at the largest T, both modes), and with ``--bf16`` the speed and the
-effect on predictions of running the analog layers under bfloat16 autocast.
+effect on predictions of running the analog layers under bfloat16 autocast. With ``--peer-images N``
+(vit_fmnist, Fashion-MNIST test images): the seconds of our whole accuracy-vs-T curve for T = 1..16 (one
+anytime run, ANN reference included) against SpikingJelly's STA recipe evaluating T=16 alone on the same
+weights and images (benchmarks.peers), in the same process.
 Writes benchmarks/results/speed[-quick].json and the ``speed`` section of BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -86,15 +89,17 @@ def module_profile(snn, x, timesteps: int) -> Dict[str, float]:
 
 
 def peak_memory_mb(name: str, batch: int, mode: str, T: int, device: str) -> float:
-    """Peak memory (MB) of simulating T steps: the CUDA allocator's peak, or on CPU the growth of the peak
-    resident size of a fresh process (VmHWM) during the simulation."""
+    """Peak memory (MB) of simulating T steps above what the converted model holds: the CUDA allocator's peak,
+    or on CPU the peak resident size of a fresh process (VmHWM, reset after the conversion through
+    /proc/self/clear_refs) minus its resident size before the simulation."""
     code = ("import re, torch; from benchmarks.speed import model_and_images; from convert import convert;"
-            "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1));"
+            "kb = lambda key: int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1));"
             f"ann, x = model_and_images({name!r}, {batch}, {device!r});"
             f"snn = convert(ann, x[:2], timesteps={T}, step_mode={mode!r}, progress=False);"
-            "cuda = x.is_cuda; torch.cuda.reset_peak_memory_stats() if cuda else None;"
-            "base = torch.cuda.memory_allocated() if cuda else hwm(); snn.simulate(x);"
-            "print(((torch.cuda.max_memory_allocated() - base) / 2**20) if cuda else (hwm() - base) / 1024)")
+            "cuda = x.is_cuda; torch.cuda.reset_peak_memory_stats() if cuda else open('/proc/self/clear_refs', 'w')"
+            ".write('5');"
+            "base = torch.cuda.memory_allocated() if cuda else kb('VmRSS'); snn.simulate(x);"
+            "print(((torch.cuda.max_memory_allocated() - base) / 2**20) if cuda else (kb('VmHWM') - base) / 1024)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(f"memory probe for {name} failed:\n{res.stderr[-2000:]}")
@@ -154,7 +159,28 @@ def bf16_effect(snn, x, T: int, device: str, repeats: int) -> dict:
     return out
 
 
-def run(models, batches, timesteps, device="cpu", repeats=3, profile=True, memory=True, bf16=False) -> dict:
+def peer_timing(images: int, T: int = 16) -> dict:
+    """Seconds of our T = 1..T curve vs SpikingJelly's single-T evaluation, vit_fmnist, same images."""
+    from torch.utils.data import Subset
+
+    from benchmarks import peers
+    from benchmarks.core import calibration_images
+    from models.data import fashion_mnist
+    from models.torchvision_port import to_torchvision
+    torch.manual_seed(0)
+    ann, calib = create_ann("vit_fmnist"), calibration_images()
+    test = Subset(fashion_mnist("test").dataset, range(images))
+    test_x = torch.stack([test[i][0] for i in range(len(test))])
+    test_y = torch.tensor([int(test[i][1]) for i in range(len(test))])
+    sj = peers.spikingjelly_run(to_torchvision(ann), calib, test_x, test_y, T)
+    ours = peers.ours_run(ann, calib, test, T, {})
+    return {"images": images, "T": T, "spikingjelly_evaluate_s": sj["evaluate_s"], "spikingjelly_top1": sj["top1"],
+            "ours_curve_s": ours["evaluate_s"], "ours_top1_at_T": ours["top1"][-1],
+            "ratio": ours["evaluate_s"] / sj["evaluate_s"]}
+
+
+def run(models, batches, timesteps, device="cpu", repeats=3, profile=True, memory=True, bf16=False,
+        peer_images=0) -> dict:
     if len(batches) not in (1, len(models)):
         raise SystemExit(f"--batch takes one size or one per model ({len(models)}), got {len(batches)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -163,9 +189,12 @@ def run(models, batches, timesteps, device="cpu", repeats=3, profile=True, memor
     info = machine_info("bundled Fashion-MNIST images / random inputs")
     if device.startswith("cuda"):
         info["machine"] += f", {torch.cuda.get_device_name()}"
-    return {**info, "device": device, "timesteps": list(timesteps),
-            "models": {name: measure(name, b, list(timesteps), device, repeats, profile, memory, bf16)
-                       for name, b in zip(models, batches)}}
+    res = {**info, "device": device, "timesteps": list(timesteps),
+           "models": {name: measure(name, b, list(timesteps), device, repeats, profile, memory, bf16)
+                      for name, b in zip(models, batches)}}
+    if peer_images:
+        res["peer"] = peer_timing(peer_images)
+    return res
 
 
 def markdown(res: dict, command: str) -> str:
@@ -197,11 +226,21 @@ def markdown(res: dict, command: str) -> str:
                                                      for m in MODES) + " |")
     for name, r in res["models"].items():
         if "bf16" in r:
+            if r["images"] == "random":
+                lines.append(f"- {name} has random weights: its predictions are near ties, so its bf16 agreement "
+                             "says little; the speed-up does")
             for mode, b in r["bf16"].items():
                 lines.append(f"- {name}, bf16 autocast, {'step' if mode == 's' else 'multi-step'}, T={b['T']}: "
                              f"{b['speedup']:.2f}x the float32 speed, top-1 agreement with float32 "
                              f"{b['top1_agreement']:.1f}%, largest logit error {b['max_logit_error']:.3f} of the "
                              "largest logit")
+    if "peer" in res:
+        p = res["peer"]
+        lines += ["", f"Against SpikingJelly (vit_fmnist, {p['images']} test images, batch 256): our whole accuracy-vs-T "
+                  f"curve for T = 1..{p['T']} (one anytime run, ANN reference included) took {p['ours_curve_s']:.1f} s, "
+                  f"{p['ratio']:.2f}x the {p['spikingjelly_evaluate_s']:.1f} s of SpikingJelly's STA recipe evaluating "
+                  f"T={p['T']} alone (top-1 at T={p['T']}: ours {p['ours_top1_at_T']:.2f}, SpikingJelly "
+                  f"{p['spikingjelly_top1']:.2f})."]
     return "\n".join(lines + ["", END]) + "\n"
 
 
@@ -212,11 +251,13 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--peer-images", type=int, default=0,
+                        help="also time the T=1..16 curve against SpikingJelly's T=16 on this many test images")
 
 
 def main() -> None:
     def full(a):
-        return run(a.models, a.batch, a.timesteps, a.device, a.repeats, bf16=a.bf16)
+        return run(a.models, a.batch, a.timesteps, a.device, a.repeats, bf16=a.bf16, peer_images=a.peer_images)
 
     def quick(a):  # seconds: the small reference model, small batch, no memory probes
         return run(["vit_fmnist"], [8], (1, 2), a.device, repeats=1, memory=False, bf16=a.bf16)
