@@ -15,7 +15,7 @@ from convert.config import show_progress
 from convert.network import SpikingModel, check_images, check_timesteps, input_spec
 from convert.rewrite import Rewriter
 from convert.schema import check_combination, validate_options
-from models.neurons import create_neuron
+from models.neurons import create_neuron, set_coding
 from models.zoo import architecture_of
 
 ATTENTION_VARIANTS = ("ecm", "psa", "ssa", "a2os2a")
@@ -23,7 +23,8 @@ RESIDUAL_STYLES = ("membrane", "spike_driven")
 
 # The defaults: training-free; thresholds minimise the quantiser's expected error for the run's T and alphabet
 # (calibration.thresholds), checked on every reference model (python -m benchmarks.generalization, BENCHMARKS.md).
-DEFAULTS: Dict[str, Any] = dict(neuron="signed_if", levels=1, v_init=None, calibration="mse",
+DEFAULTS: Dict[str, Any] = dict(neuron="signed_if", levels=1, v_init=None, coding="rate", hysteresis=0.0,
+                                calibration="mse",
                                 percentile=99.5, per_channel=True, per_token=True, correction="none", num_images=None,
                                 attention="ecm",
                                 mask_p=0.0, residual="membrane", step_mode="s", progress=True)
@@ -66,6 +67,7 @@ def build_spiking(ann: nn.Module, timesteps: int, options: Dict[str, Any],
                         spike_driven=opts["residual"] == "spike_driven", fixed_tokens=not inputs["dynamic"],
                         example=example)
     net = rewriter.convert_root(net)
+    set_coding(net, opts["coding"], float(opts["hysteresis"]))
     if rewriter.specialised:  # shape-dependent code was fixed to the conversion's image size
         inputs["dynamic"] = False
     snn = SpikingModel(net, timesteps, opts, step_mode=opts["step_mode"], inputs=inputs)

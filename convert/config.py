@@ -36,6 +36,8 @@ class NeuronConfig:
     name: str = MISSING
     levels: int = MISSING
     v_init: float = MISSING
+    coding: str = MISSING
+    hysteresis: float = MISSING
 
 
 @dataclass
@@ -71,6 +73,7 @@ class FinetuneConfig:
     weights: bool = MISSING
     distill: float = MISSING
     temperature: float = MISSING
+    event_penalty: float = MISSING
     grad_checkpoint: bool = MISSING
     checkpoint_every: int = MISSING
     resume: Optional[str] = None
@@ -160,6 +163,7 @@ def finetune_options(cfg: DictConfig) -> Dict[str, Any]:
 def convert_options(cfg: DictConfig) -> Dict[str, Any]:
     """The keyword options of ``convert()`` that a composed config selects."""
     return dict(neuron=cfg.neuron.name, levels=cfg.neuron.levels, v_init=cfg.neuron.v_init,
+                coding=cfg.neuron.coding, hysteresis=cfg.neuron.hysteresis,
                 calibration=cfg.calibration.method, percentile=cfg.calibration.percentile,
                 per_channel=cfg.calibration.per_channel, per_token=cfg.calibration.per_token,
                 correction=cfg.calibration.correction,

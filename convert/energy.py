@@ -3,17 +3,21 @@
 Per image, summed over T steps:
 - synapse (Linear / Conv fed by a neuron): SOPs = events x fan-out (fan-out = the
   layer's dense MACs / input elements: out_features for a Linear), an event being one
-  unit of |k| (one per spike for the multi-threshold neuron); ``strict``: a layer
-  whose input alphabet is not binary ({0, 1} or {-1, 0, 1}) counts its dense MACs
-  every step instead.
-- a layer fed analog values (the first layer, fed the image): dense MACs every step.
+  unit of |k| (one per spike for the multi-threshold neuron). Under differential coding
+  the neuron sends k(t) - k(t-1) and the events are those of the change (the layer keeps
+  W k(t-1) theta and accumulates the change's weights).
+- ``strict``: an element sent with |value| > 1 (in units of theta: a multi-level count or a
+  graded 2^j) is a multiplication: it costs fan-out MACs instead of its |k| x fan-out SOPs,
+  so graded codes cannot hide their cost; values of +-1 stay accumulations.
+- a layer fed analog values (the first layer, fed the image): dense MACs every step;
+  under differential coding only at steps whose input changed (the image arrives once).
 - expectation-compensated non-linearities (LayerNorm, GELU, softmax, ...): one
   MAC per element per step (a lower bound; they stay analog).
 - spike products (Q K^T, A V, SwiGLU gates) in expectation: the spike-driven increments
   a(t) S_B(t-1) + S_A(t-1) b(t) + a(t) b(t) are accumulations, events_a x columns(B) +
-  events_b x rows(A) SOPs; the rescaling of the previous product (one per output element
-  per step) stays analog; ``strict``: graded inputs make the increments MACs. psa counts
-  the events left after its masks.
+  events_b x rows(A) SOPs, with the events of the levels a(t), b(t) whatever the coding
+  (the increments need the current levels); the rescaling of the previous product (one
+  per output element per step) stays analog. psa counts the events left after its masks.
 - step-by-step products (ssa, a2os2a): each event of a spike operand adds one row/column
   of the other, events_a x columns(B) (or events_b x rows(A), whichever operand is spikes
   and sparser); two real operands are dense MACs.
@@ -23,7 +27,7 @@ same modules for one forward pass (non-linearities at one MAC per element).
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -40,8 +44,18 @@ E_SOP_PJ = 0.9
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _binary(neuron: BaseNeuron) -> bool:
-    return set(neuron.levels()) <= {-1, 0, 1}
+def _costs(neuron: BaseNeuron, k: torch.Tensor, fan_out: float) -> Tuple[float, float, float]:
+    """(standard SOPs, strict SOPs, strict MACs) of the integer values ``k`` a neuron sent, each reaching
+    ``fan_out`` synapses."""
+    events = neuron.count(k)
+    graded = k.abs() > 1
+    sops = float(events.sum()) * fan_out
+    return sops, float(events[~graded].sum()) * fan_out, float(graded.sum()) * fan_out
+
+
+def _levels(neuron: BaseNeuron, out: torch.Tensor) -> torch.Tensor:
+    """The integer levels k of an output k theta (what a rate-coded neuron sends)."""
+    return torch.round(out / neuron.theta(out))
 
 
 def product_macs(op, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> float:
@@ -64,11 +78,14 @@ def product_macs(op, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> flo
 class _Counter:
     """Forward hooks that add up operations per module."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, steps_per_call: int = 1) -> None:
         self.analog = False
         self.ops: Dict[str, Dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.handles = []
-        self.pending: Dict[int, float] = {}  # events of a synapse's neuron in this call
+        self.pending: Dict[int, BaseNeuron] = {}  # a synapse's neuron -> its output in this call
+        self.steps_per_call = steps_per_call  # T in multi-step mode
+        self.differential = any(isinstance(m, BaseNeuron) and m.coding == "differential" for m in net.modules())
+        self.last_input: Dict[str, Optional[torch.Tensor]] = {}  # analog layers' input at the previous step
         names = {m: n for n, m in net.named_modules()}
         in_synapse = {id(m.layer) for m in net.modules() if isinstance(m, SpikingSynapse)}
         for m in net.modules():
@@ -91,8 +108,20 @@ class _Counter:
 
     def _synapse_events(self, key):
         def hook(module, inputs, output):
-            self.pending[key] = float(module.events(output).sum()) if not self.analog else 0.0
+            if not self.analog:
+                self.pending[key] = (module, output)
         return hook
+
+    def new_sequence(self) -> None:
+        self.last_input.clear()
+
+    def _changed_steps(self, name: str, x: torch.Tensor) -> int:
+        """Steps of this call whose input differs from the previous step's."""
+        if self.steps_per_call == 1:
+            last, self.last_input[name] = self.last_input.get(name), x
+            return int(last is None or last.shape != x.shape or not torch.equal(last, x))
+        xs = x.reshape(self.steps_per_call, -1)
+        return 1 + int((xs[1:] != xs[:-1]).any(dim=1).sum())
 
     def _synapse(self, name, synapse):
         def hook(module, inputs, kwargs, output):
@@ -102,12 +131,11 @@ class _Counter:
             if self.analog:
                 rec["ann_macs"] += dense
                 return
-            sops = self.pending.pop(id(module)) * dense / max(1, x.numel())  # events x fan-out
+            neuron, spikes = self.pending.pop(id(module))
+            sops, strict_sops, strict_macs = _costs(neuron, neuron.sent(spikes), dense / max(1, x.numel()))
             rec["sops"] += sops
-            if _binary(synapse.neuron):
-                rec["strict_sops"] += sops
-            else:
-                rec["strict_macs"] += dense
+            rec["strict_sops"] += strict_sops
+            rec["strict_macs"] += strict_macs
         return hook
 
     def _analog_layer(self, name):
@@ -115,9 +143,13 @@ class _Counter:
         def hook(module, inputs, output):
             dense = dense_macs(module.weight, inputs[0], output)
             rec = self.ops[name]
-            rec["ann_macs" if self.analog else "macs"] += dense
-            if not self.analog:
-                rec["strict_macs"] += dense
+            if self.analog:
+                rec["ann_macs"] += dense
+                return
+            if self.differential:
+                dense *= self._changed_steps(name, inputs[0]) / self.steps_per_call
+            rec["macs"] += dense
+            rec["strict_macs"] += dense
         return hook
 
     def _nonlinear(self, name):
@@ -149,24 +181,25 @@ class _Counter:
             if self.analog:
                 rec["ann_macs"] += dense
                 return
-            terms = []  # (accumulations, the operand is binary) for each spike operand
+            terms = []  # (standard SOPs, strict SOPs, strict MACs) for each spike operand
             if neuron_a is not None:
-                terms.append((float(neuron_a.events(a).sum()) * dense / a.numel(), _binary(neuron_a)))
+                terms.append(_costs(neuron_a, _levels(neuron_a, a), dense / a.numel()))
             if neuron_b is not None:
-                events_b = neuron_b.events(b.transpose(-2, -1) if transposed_b else b)
-                terms.append((float(events_b.sum()) * dense / b.numel(), _binary(neuron_b)))
+                b = b.transpose(-2, -1) if transposed_b else b
+                terms.append(_costs(neuron_b, _levels(neuron_b, b), dense / b.numel()))
             if not terms:
                 rec["macs"] += dense
                 rec["strict_macs"] += dense
                 return
             if expectation:  # increments from both operands, plus the rescaling of the previous product
-                sops, binary = sum(t for t, _ in terms), all(bin_ for _, bin_ in terms)
+                costs = [sum(c) for c in zip(*terms)]
                 rec["macs"] += float(output.numel())
                 rec["strict_macs"] += float(output.numel())
-            else:
-                sops, binary = min(terms)
-            rec["sops"] += sops
-            rec["strict_sops" if binary else "strict_macs"] += sops
+            else:  # the sparser operand drives the accumulations
+                costs = min(terms)
+            rec["sops"] += costs[0]
+            rec["strict_sops"] += costs[1]
+            rec["strict_macs"] += costs[2]
         return hook
 
     def remove(self):
@@ -179,10 +212,11 @@ def energy_report(snn: SpikingModel, images, timesteps: int = None, batch_size: 
     """Per-image MACs, SOPs and energy of the SNN over T steps beside the ANN's; firing rates per neuron layer."""
     T = snn.timesteps if timesteps is None else check_timesteps(timesteps)
     device = next(snn.net.parameters()).device
-    counter = _Counter(snn.net)
+    counter = _Counter(snn.net, T if snn.step_mode == "m" else 1)
     n_images = 0
     try:
         for x in iter_images(images, batch_size):
+            counter.new_sequence()
             check_images(snn.inputs, x)
             x = x.to(device, non_blocking=True)
             counter.analog = True

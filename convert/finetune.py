@@ -4,6 +4,10 @@ The loss is taken on the mean output over T steps, run in multi-step mode:
 
     logits = (1/T) sum_t net(x)(t)
     loss = (1 - distill) CE(logits, y) + distill tau^2 KL(softmax(ann / tau) || softmax(logits / tau))
+           + event_penalty * (events sent per neuron per step, over every neuron and step)
+
+The events term counts |k| (|k(t) - k(t-1)| under differential coding) with the spikes' surrogate gradients,
+so the penalty trades accuracy against the firing rate explicitly.
 
 Spike functions get surrogate gradients (models.neurons.Surrogate), thresholds and
 (optionally) weights are trained with AdamW, learning rate lr * warm-up * cosine:
@@ -44,12 +48,12 @@ from models.state import reset_net, set_step_mode
 
 FINETUNE_DEFAULTS: Dict[str, Any] = dict(
     lr=1e-3, threshold_lr=None, weight_decay=0.01, warmup=0.05, batch_size=64, timesteps=None, images=None,
-    surrogate="ste", alpha=4.0, thresholds=True, weights=True, distill=0.0, temperature=1.0,
+    surrogate="ste", alpha=4.0, thresholds=True, weights=True, distill=0.0, temperature=1.0, event_penalty=0.0,
     grad_checkpoint=False, checkpoint_every=0, checkpoint_path=None, resume=None, max_steps=None, seed=0,
     progress=True)
 # options that change the trained result: a resumed run must use the same ones
 RESULT_OPTIONS = ("lr", "threshold_lr", "weight_decay", "warmup", "batch_size", "timesteps", "images", "surrogate",
-                  "alpha", "thresholds", "weights", "distill", "temperature", "seed")
+                  "alpha", "thresholds", "weights", "distill", "temperature", "event_penalty", "seed")
 
 
 def check_finetune_options(epochs: Any, options: Dict[str, Any]) -> Dict[str, Any]:
@@ -89,6 +93,37 @@ class TimeAveraged(nn.Module):
         finally:
             reset_net(self.net)
         return out.reshape(T, x.shape[0], *out.shape[1:]).mean(0)
+
+
+class EventMeter:
+    """Forward hooks on every neuron that add up the events sent (|k|, or |k(t) - k(t-1)|), differentiably."""
+
+    def __init__(self, neurons) -> None:
+        self.clear()
+        self.handles = [n.register_forward_hook(self._hook) for n in neurons]
+
+    def clear(self) -> None:
+        """Forget what was counted (blocks recomputed in a backward pass count again)."""
+        self.total: Optional[torch.Tensor] = None
+        self.elements = 0
+
+    def _hook(self, module, inputs, output):
+        if module.analog:
+            return
+        k = output / module.theta(output)  # k with the surrogate's gradient
+        if module.coding == "differential":
+            k = k - module._prior / module.theta(output).detach()
+        events = k.abs().sum()
+        self.total = events if self.total is None else self.total + events
+        self.elements += output.numel()
+
+    def rate(self) -> torch.Tensor:
+        """Events per neuron per step since ``clear``."""
+        return self.total / max(1, self.elements)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def _blocks(net: nn.Module):
@@ -164,6 +199,7 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
                                             find_unused_parameters=True)
     surrogate = Surrogate(o["surrogate"], o["alpha"])
+    meter = EventMeter(neurons) if o["event_penalty"] > 0 else None
     step, history = resume_meta["step"], list(resume_meta["history"])
     elapsed = resume_meta.get("seconds", 0.0)
     start = time.time()
@@ -179,7 +215,7 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
                        desc=f"fine-tuning T={T} epoch {epoch + 1}/{epochs}", unit="batch", leave=False)
             for b, (images, labels) in enumerate(bar, start=skip):
                 loss, correct = _train_step(snn, objective, optimizer, thresholds, teacher, images, labels, device,
-                                            o, _schedule(step, total, o["warmup"]))
+                                            o, _schedule(step, total, o["warmup"]), meter)
                 step += 1
                 stats["loss"] += loss * len(images)
                 stats["images"] += len(images)
@@ -196,6 +232,8 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
             if step == o["max_steps"]:
                 break
     finally:
+        if meter is not None:
+            meter.remove()
         for n in neurons:
             n.surrogate = None
         for p, flag in flags.items():
@@ -208,7 +246,7 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
 
 
 def _train_step(snn, objective, optimizer, thresholds, teacher, images, labels, device, o,
-                factor: float) -> Tuple[float, int]:
+                factor: float, meter: Optional[EventMeter] = None) -> Tuple[float, int]:
     """One optimiser step; returns the batch loss and the number of correct predictions."""
     check_images(snn.inputs, images)
     images = images.to(device, non_blocking=True)
@@ -216,8 +254,12 @@ def _train_step(snn, objective, optimizer, thresholds, teacher, images, labels, 
         labels = _checked_labels(labels, images, snn).to(device, non_blocking=True)
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * factor
+    if meter is not None:
+        meter.clear()
     logits = objective(images)
     loss = _loss(logits, labels, teacher, images, o)
+    if meter is not None:
+        loss = loss + o["event_penalty"] * meter.rate()
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the fine-tuning loss became {float(loss.detach())}: lower finetune lr (now {o['lr']})")
     optimizer.zero_grad(set_to_none=True)

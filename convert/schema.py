@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 MAX_LEVELS = 1024  # more levels per step than this is an analog neuron: alphabet and calibration stay bounded
 MAX_MULTI_THRESHOLD_LEVELS = 30
 MAX_TIMESTEPS = 65536
+MAX_HYSTERESIS = 8.0  # the mean's error bound grows as (1/2 + s) theta / t: beyond this the code is useless
 DEVICES = "auto, cpu, cuda or cuda:N"
 
 
@@ -123,8 +124,8 @@ def _is_device(v) -> bool:
 def _choices() -> Dict[str, Tuple[str, ...]]:
     from calibration import CORRECTIONS, METHODS
     from convert.api import ATTENTION_VARIANTS, RESIDUAL_STYLES
-    from models.neurons import NEURONS, Surrogate
-    return {"neuron": tuple(NEURONS), "method": tuple(METHODS), "correction": tuple(CORRECTIONS),
+    from models.neurons import CODINGS, NEURONS, Surrogate
+    return {"neuron": tuple(NEURONS), "coding": CODINGS, "method": tuple(METHODS), "correction": tuple(CORRECTIONS),
             "attention": tuple(ATTENTION_VARIANTS), "residual": tuple(RESIDUAL_STYLES),
             "surrogate": tuple(Surrogate.KINDS)}
 
@@ -144,6 +145,10 @@ def keys() -> List[Key]:
         Key("neuron.name", "choice", "neuron type", choices=c["neuron"], api="neuron"),
         Key("neuron.levels", "int", "largest level L a neuron emits per step", low=1, high=MAX_LEVELS, api="levels"),
         Key("neuron.v_init", "float", "initial membrane in units of the threshold", low=0, high=1, api="v_init"),
+        Key("neuron.coding", "choice", "rate: send k every step; differential: send only k(t) - k(t-1)",
+            choices=c["coding"], api="coding"),
+        Key("neuron.hysteresis", "float", "differential: keep the level while the membrane is within this of "
+            "its range (0: outputs of rate coding)", low=0, high=MAX_HYSTERESIS, api="hysteresis"),
         Key("calibration.method", "choice", "threshold method", choices=c["method"], api="calibration"),
         Key("calibration.percentile", "float", "percentile for method=percentile", low=0, high=100, low_open=True,
             api="percentile"),
@@ -174,6 +179,8 @@ def keys() -> List[Key]:
         Key("finetune.distill", "float", "weight of the distillation term", low=0, high=1, api="distill"),
         Key("finetune.temperature", "float", "distillation temperature", low=0, low_open=True, high=1e4,
             api="temperature"),
+        Key("finetune.event_penalty", "float", "weight of the events per neuron per step in the loss", low=0,
+            high=1e4, api="event_penalty"),
         Key("finetune.grad_checkpoint", "bool", "recompute blocks in the backward pass", api="grad_checkpoint"),
         Key("finetune.checkpoint_every", "int", "steps between checkpoints (0: at the end)", low=0,
             api="checkpoint_every"),
@@ -235,6 +242,18 @@ def check_combination(o: Dict[str, Any]) -> None:
     if o["mask_p"] > 0 and o["attention"] != "psa":
         raise ValueError(f"attention.mask_p={o['mask_p']} applies to attention=psa only (attention is "
                          f"{o['attention']!r})")
+    if o["coding"] == "differential":
+        for what, name, ok in (("neuron", o["neuron"], o["neuron"] != "ternary"),
+                               ("attention", o["attention"], o["attention"] == "ecm"),
+                               ("residual", o["residual"], o["residual"] == "membrane")):
+            if not ok:
+                raise ValueError(f"coding=differential sends changes of a neuron's level, which {what}={name} "
+                                 f"cannot take (it needs rate-coded spikes or a leaky, hard-reset neuron): use "
+                                 f"coding=rate, or neuron=signed_if / if / multi_threshold with attention=ecm and "
+                                 f"residual=membrane")
+    if o["hysteresis"] > 0 and o["coding"] != "differential":
+        raise ValueError(f"neuron.hysteresis={o['hysteresis']} applies to coding=differential only (coding is "
+                         f"{o['coding']!r})")
     for what, name in (("attention", o["attention"]), ("residual", o["residual"])):
         if name in FIXED_ALPHABET and (o["levels"] != 1 or o["neuron"] == "multi_threshold"):
             raise ValueError(f"{what}={name} uses {FIXED_ALPHABET[name]}: it cannot use neuron={o['neuron']} with "

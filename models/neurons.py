@@ -8,6 +8,13 @@ The membrane starts at ``v_init`` * theta; v_init = 0.5 turns the truncation of
 identity (a non-negative neuron: max(x, 0)), the function the neuron converges to; the
 network then computes the ANN exactly (used while calibrating).
 
+Coding (``coding``): ``rate`` sends k at every step; ``differential`` sends only the change of the level,
+k(t) - k(t-1), and the receiving layer keeps W k(t-1) theta and adds W (k(t) - k(t-1)) theta: the same
+values reach the network, but a neuron whose level is steady sends nothing. ``hysteresis`` s makes levels
+steady: the neuron keeps k(t-1) while its membrane after the reset stays within s of its usual range
+([-s, 1 + s) for floor neurons, |u| < 1/2 + s for rounding ones), so the error of the running mean
+grows from theta / (2t) to (1/2 + s) theta / t; s = 0 gives exactly the rate-coded outputs.
+
 Training (fine-tuning over T): with a ``surrogate`` set and gradients enabled, the
 forward value stays exactly k while the gradient is that of a smooth or linear
 stand-in g(u) for the staircase k(u) (``k = fire(u) + g(u) - g(u).detach()``); the
@@ -23,12 +30,17 @@ from torch import nn
 from models.state import StatefulModule
 
 
+CODINGS = ("rate", "differential")
+HYSTERESIS_MARGIN = 2.0 ** -12
+
+
 class BaseNeuron(StatefulModule):
     """Shared state and dynamics; subclasses define ``fire`` and ``levels``."""
 
     leak: float = 1.0
     hard_reset: bool = False
     signed: bool = True
+    zero_centre: float = 0.0  # the middle of the membrane values that fire nothing (1/2 for floor)
 
     def __init__(self, threshold: float = 1.0, v_init: float = 0.5) -> None:
         super().__init__()
@@ -38,8 +50,25 @@ class BaseNeuron(StatefulModule):
         self.channelwise = True  # a per-channel threshold is meaningful (the channel axis has a fixed size)
         self.channel_axis = -1  # the channel axis of the input: -1 (features last) or 1 (NCHW, before a Conv)
         self.surrogate: Optional[Surrogate] = None  # set while fine-tuning
+        self.coding = "rate"
+        self.hysteresis = 0.0
         self.u: Optional[torch.Tensor] = None
         self._theta: Optional[torch.Tensor] = None
+        self.level: Optional[torch.Tensor] = None  # differential: k(t - 1)
+        self._prior: Optional[torch.Tensor] = None  # differential: the previous output under the latest one
+
+    def set_coding(self, coding: str, hysteresis: float = 0.0) -> None:
+        if coding not in CODINGS:
+            raise ValueError(f"unknown coding {coding!r}: use one of {', '.join(CODINGS)}")
+        if coding == "differential" and (self.leak != 1.0 or self.hard_reset):
+            raise ValueError(f"coding=differential needs a neuron without leak and with reset by subtraction; "
+                             f"{type(self).__name__} has leak {self.leak} and "
+                             f"{'hard' if self.hard_reset else 'soft'} reset: use neuron=signed_if, if or "
+                             f"multi_threshold")
+        if not hysteresis >= 0:
+            raise ValueError(f"hysteresis must be >= 0, got {hysteresis}")
+        self.coding, self.hysteresis = coding, float(hysteresis)
+        self.reset()
 
     @property
     def max_level(self) -> int:
@@ -67,13 +96,27 @@ class BaseNeuron(StatefulModule):
             return theta
         return theta.reshape(-1, *([1] * (like.dim() - 1 - self.channel_axis)))
 
+    def sent(self, out: torch.Tensor) -> torch.Tensor:
+        """What the latest output ``out`` = k theta sent per element: k (rate) or k(t) - k(t-1) (differential)."""
+        if self.coding == "differential":
+            if self._prior is None or self._prior.shape != out.shape:
+                raise ValueError("sent() of a differential neuron takes the output of its latest call")
+            out = out - self._prior
+        return torch.round(out / self.theta(out))
+
     def events(self, out: torch.Tensor) -> torch.Tensor:
-        """Events per element of an output ``k * theta``: one per unit of |k|."""
-        return torch.floor((out / self.theta(out)).abs() + 0.5)
+        """Events per element of the latest output: of what it sent."""
+        return self.count(self.sent(out))
+
+    def count(self, k: torch.Tensor) -> torch.Tensor:
+        """Events of integer levels k: one per unit of |k|."""
+        return k.abs()
 
     def reset(self) -> None:
         self.u = None
         self._theta = None  # the threshold shaped for this sequence's inputs, computed at its first step
+        self.level = None
+        self._prior = None
 
     def _integrate(self, u: Optional[torch.Tensor], x: torch.Tensor, theta: torch.Tensor):
         """One step: u <- leak * u + x / theta; returns the new membrane and the integer levels k.
@@ -88,24 +131,45 @@ class BaseNeuron(StatefulModule):
             u = (u.mul_(self.leak) if self.leak != 1.0 else u).addcdiv_(x, theta)
         else:
             u = (u * self.leak if self.leak != 1.0 else u) + x / theta
-        k = self.fire(u)
-        if self.surrogate is not None and torch.is_grad_enabled():
-            g = self.surrogate(u, self.jumps())
-            k, k_reset = k + (g - g.detach()), k
-        else:
-            k_reset = k
+        k, k_reset = self._levels(u)
         if inplace:
             u = u.masked_fill_(k_reset != 0, 0.0) if self.hard_reset else u.sub_(k_reset)
         else:
             u = torch.where(k_reset != 0, torch.zeros_like(u), u) if self.hard_reset else u - k_reset
         return u, k
 
+    def _levels(self, u: torch.Tensor):
+        """(k, k without the surrogate's gradient): k = fire(u), and while training k + g(u) - g(u).detach().
+
+        Differential coding with hysteresis s: ``hold``."""
+        if self.hysteresis > 0 and self.level is not None:
+            # the bound sits just inside 1/2 + s: membranes exactly on it (half-integers, common after exact-zero
+            # inputs) would otherwise turn on float rounding, which differs between step and multi-step mode
+            k = self.hold(u, self.level, 0.5 + self.hysteresis - HYSTERESIS_MARGIN)
+        else:
+            k = self.fire(u)
+        if self.coding == "differential":
+            self.level = k.detach()
+        if self.surrogate is not None and torch.is_grad_enabled():
+            g = self.surrogate(u, self.jumps())
+            return k + (g - g.detach()), k
+        return k, k
+
+    def hold(self, u: torch.Tensor, level: torch.Tensor, band: float) -> torch.Tensor:
+        """k(t-1) while the residual u - k(t-1) lies within ``band`` of the middle of the membrane values that
+        fire nothing; otherwise fire(u)."""
+        return torch.where((u - level - self.zero_centre).abs() < band, level, self.fire(u))
+
     def single_step(self, x: torch.Tensor) -> torch.Tensor:
         if self.analog:
             return x if self.signed else torch.clamp(x, min=0)
-        if self.u is None or self._theta is None:  # first step of a sequence
+        if self._theta is None:  # first step of a sequence
             self._theta = self.theta(x)
         theta = self._theta
+        if self.coding == "differential":  # k is kept as the next step's level: not scaled in place
+            self._prior = torch.zeros_like(x) if self.level is None else self.level * theta
+            self.u, k = self._integrate(self.u, x, theta)
+            return k * theta
         self.u, k = self._integrate(self.u, x, theta)
         return k * theta if torch.is_grad_enabled() else k.mul_(theta)
 
@@ -114,27 +178,33 @@ class BaseNeuron(StatefulModule):
             return self.single_step(x)
         theta = self.theta(x)
         xs = self.unfold(x)
-        u = None  # one multi-step call covers steps 1..T from a reset state, like every stateful module
+        u, self.level = None, None  # one multi-step call covers steps 1..T from a reset state
         if not torch.is_grad_enabled():  # every step writes k * theta straight into its slice of the output
             out = torch.empty_like(xs)
             for t in range(xs.shape[0]):
                 u, k = self._integrate(u, xs[t], theta)
                 torch.mul(k, theta, out=out[t])
-            return self.fold(out)
-        steps = []
-        for t in range(xs.shape[0]):
-            u, k = self._integrate(u, xs[t], theta)
-            steps.append(k * theta)
-        return self.fold(torch.stack(steps))
+        else:
+            steps = []
+            for t in range(xs.shape[0]):
+                u, k = self._integrate(u, xs[t], theta)
+                steps.append(k * theta)
+            out = torch.stack(steps)
+        if self.coding == "differential":  # the previous step's output under each step's, for sent()
+            self._prior = self.fold(torch.cat([torch.zeros_like(out[:1]), out[:-1].detach()]))
+            self.level = None
+        return self.fold(out)
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels()}, v_init={self.v_init}, {super().extra_repr()}"
+        coding = ", coding=differential" if self.coding == "differential" else ""
+        return f"levels={self.levels()}, v_init={self.v_init}{coding}, {super().extra_repr()}"
 
 
 class IFNeuron(BaseNeuron):
     """Integrate-and-fire, k = clamp(floor(u), 0, L): binary for L = 1, one event per unit of k."""
 
     signed = False
+    zero_centre = 0.5
 
     def __init__(self, levels: int = 1, threshold: float = 1.0, v_init: float = 0.5) -> None:
         super().__init__(threshold, v_init)
@@ -148,6 +218,15 @@ class IFNeuron(BaseNeuron):
 
     def fire(self, u: torch.Tensor) -> torch.Tensor:
         return torch.floor(u).clamp_(-self.num_levels if self.signed else 0, self.num_levels)
+
+    def hold(self, u: torch.Tensor, level: torch.Tensor, band: float) -> torch.Tensor:
+        """The level nearest k(t-1) that leaves the residual within ``band`` of 1/2 (k(t-1) itself while it
+        does): the smallest change of level, so a drifting input moves the level one step at a time."""
+        excess = u - level - self.zero_centre
+        up = torch.floor(excess - band) + 1  # the smallest d with excess - d < band
+        down = torch.ceil(excess + band) - 1  # the largest d with excess - d > -band
+        change = torch.where(excess >= band, up, torch.where(excess <= -band, down, torch.zeros_like(excess)))
+        return (level + change).clamp_(-self.num_levels if self.signed else 0, self.num_levels)
 
     def jumps(self) -> List[Tuple[float, float]]:
         """floor steps up by one at every integer from the lowest level + 1 to L."""
@@ -177,9 +256,9 @@ class MultiThresholdNeuron(BaseNeuron):
         pos = [2 ** j for j in range(self.num_levels)]
         return sorted(([-p for p in pos] if self.signed else []) + [0] + pos)
 
-    def events(self, out: torch.Tensor) -> torch.Tensor:
+    def count(self, spikes: torch.Tensor) -> torch.Tensor:
         """One graded event per non-zero spike."""
-        return (out != 0).to(out.dtype)
+        return (spikes != 0).to(spikes.dtype)
 
     def fire(self, u: torch.Tensor) -> torch.Tensor:
         mag = u.abs() if self.signed else torch.clamp(u, min=0)
@@ -243,6 +322,13 @@ NEURONS = {
     "multi_threshold": MultiThresholdNeuron,
     "ternary": TernaryNeuron,
 }
+
+
+def set_coding(net: nn.Module, coding: str, hysteresis: float = 0.0) -> None:
+    """Put every neuron of ``net`` in ``coding`` (rate or differential, with ``hysteresis``)."""
+    for m in net.modules():
+        if isinstance(m, BaseNeuron):
+            m.set_coding(coding, hysteresis)
 
 
 def create_neuron(name: str, signed: bool = True, **kwargs) -> BaseNeuron:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
+from benchmarks import energy as energy_bench
 from benchmarks import finetune as ft_bench
 from benchmarks import peers
 from models.torchvision_port import to_torchvision
@@ -50,3 +52,25 @@ def test_finetune_quick_runs_and_renders():
     assert res["defaults"][2]["seconds_per_epoch"] > 0
     md = ft_bench.markdown(res, "test")
     assert md.startswith(ft_bench.BEGIN) and "| ssa |" in md
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 100), st.floats(0.01, 10)), min_size=1, max_size=30))
+def test_pareto_front_keeps_exactly_the_undominated_points(pairs):
+    points = [{"top1": a, "energy": e} for a, e in pairs]
+    edge = energy_bench.front(points, "energy")
+    dominates = lambda q, p: q["top1"] >= p["top1"] and q["energy"] <= p["energy"] and q != p  # noqa: E731
+    for p in points:
+        assert (p in edge) == (not any(dominates(q, p) and (q["top1"], q["energy"]) != (p["top1"], p["energy"])
+                                       for q in points))
+    assert [p["energy"] for p in edge] == sorted(p["energy"] for p in edge)
+
+
+def test_energy_quick_runs_and_renders():
+    grid = {"rate, signed IF L=1": ({}, (2,)), "differential, signed IF L=2": (dict(coding="differential", levels=2), (2,))}
+    res = energy_bench.measure(["vit_fmnist"], grid, eval_images=64, energy_images=8)
+    points = res["models"]["vit_fmnist"]["points"]
+    assert len(points) == 2 and all(p["strict"] >= p["energy"] > 0 for p in points)
+    energy_bench.figure(res)
+    md = energy_bench.markdown(res, "test")
+    assert md.startswith(energy_bench.BEGIN) and md.rstrip().endswith(energy_bench.END) and "| rate, signed IF L=1 | 2 |" in md

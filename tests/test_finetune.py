@@ -12,7 +12,8 @@ from models.state import reset_net, run_steps
 from tests.conftest import build
 
 NEURON_SETTINGS = [dict(neuron="signed_if"), dict(neuron="signed_if", levels=3), dict(neuron="if"),
-                   dict(neuron="multi_threshold", levels=4), dict(neuron="ternary")]
+                   dict(neuron="multi_threshold", levels=4), dict(neuron="ternary"),
+                   dict(neuron="signed_if", levels=2, coding="differential", hysteresis=0.5)]
 
 
 def _data(n=48, seed=3):
@@ -158,6 +159,46 @@ def test_distillation_alone_needs_no_labels_and_moves_toward_the_ann():
     finetune(snn, images, epochs=4, batch_size=16, distill=1.0, lr=1e-3, warmup=0.0, progress=False)
     loss = snn.finetune_report["loss"]
     assert loss[-1] < loss[0]
+
+
+@pytest.mark.parametrize("options", [{}, dict(coding="differential", levels=2)])
+def test_event_penalty_lowers_the_firing_rate(options):
+    """The same fine-tuning with a penalty on events per neuron per step ends with fewer events (the rate's
+    gradient is small beside the cross-entropy's: weights near a thousand move it within 10 steps)."""
+    from convert.energy import energy_report
+    x, y = _data(32)
+    rates = {}
+    for penalty in (0.0, 1000.0):
+        snn = _snn(T=4, **options)
+        finetune(snn, (x, y), epochs=10, batch_size=32, lr=1e-2, warmup=0.0, event_penalty=penalty, progress=False)
+        r = energy_report(snn, x)["firing_rates"]
+        rates[penalty] = sum(r.values()) / len(r)
+    assert rates[1000.0] < 0.93 * rates[0.0], rates
+
+
+def test_event_meter_counts_what_the_neurons_send():
+    """The penalty's count equals energy_report's events per neuron per step (both codings)."""
+    from convert.energy import energy_report
+    from convert.finetune import EventMeter
+    x, _ = _data(8)
+    for options in ({}, dict(coding="differential", levels=3)):
+        snn = _snn(T=3, **options)
+        neurons = [m for m in snn.net.modules() if isinstance(m, BaseNeuron)]
+        meter = EventMeter(neurons)
+        with torch.no_grad():
+            TimeAveraged(snn.net, 3)(x)
+        counted = float(meter.rate())
+        meter.remove()
+        layers = energy_report(snn, x)["layers"]
+        sizes = {}
+        hooks = [n.register_forward_hook(lambda m, i, o, k=k: sizes.__setitem__(k, o.numel())) for k, n in
+                 ((k, n) for k, n in snn.net.named_modules() if isinstance(n, BaseNeuron))]
+        with torch.no_grad():
+            TimeAveraged(snn.net, 3)(x)
+        for h in hooks:
+            h.remove()
+        total = sum(layers[k]["firing_rate"] * sizes[k] for k in sizes)
+        assert counted == pytest.approx(total / sum(sizes.values()), rel=1e-5)
 
 
 def test_smaller_training_T_than_evaluation_T():

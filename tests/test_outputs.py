@@ -20,6 +20,7 @@ def tiny_ann(**extra):
 @pytest.mark.parametrize("options", [
     {}, dict(correction="bias"), dict(per_channel=True), dict(neuron="multi_threshold", levels=4),
     dict(neuron="if", levels=2, step_mode="m"), dict(calibration="mse"),
+    dict(coding="differential", levels=2, hysteresis=0.5), dict(coding="differential", step_mode="m"),
 ])
 def test_save_load_round_trip_is_bitwise(options, tmp_path):
     x = torch.randn(4, 3, 32, 32)
@@ -85,20 +86,38 @@ def test_unknown_architecture_cannot_be_saved_unless_given(tmp_path):
         load(save(snn, tmp_path / "s.safetensors"))
 
 
-def test_energy_counts_match_a_hand_count():
-    """depth-1 ViT, D=8, 1 head, patch = image (N = 2 tokens), MLP 16, K = 3 classes, T = 3."""
+@pytest.mark.parametrize("options", [{}, dict(levels=3), dict(coding="differential"),
+                                     dict(coding="differential", levels=3, hysteresis=0.5)])
+def test_energy_counts_match_a_hand_count(options):
+    """depth-1 ViT, D=8, 1 head, patch = image (N = 2 tokens), MLP 16, K = 3 classes, T = 3.
+
+    Hand count: what each neuron sent is k = out / theta (rate) or the change of k (differential); a
+    synapse's standard SOPs are |k| x fan-out, its strict count takes |k| = 1 as one SOP and |k| > 1 as one
+    MAC per synapse; products count the levels of their operands."""
     torch.manual_seed(0)
     ann = create_ann("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=8, in_chans=1,
                      num_classes=3, depth=1, embed_dim=8, num_heads=1, mlp_ratio=2.0)
     x = torch.randn(2, 1, 8, 8)
     T, N, D, H, K = 3, 2, 8, 16, 3
-    snn = convert(ann, x, timesteps=T, progress=False)
-    events = {}
+    snn = convert(ann, x, timesteps=T, progress=False, **options)
+    differential = options.get("coding") == "differential"
+    sent, levels, previous = {}, {}, {}
 
     def record(name):
         def hook(module, inputs, output):
-            if not module.analog:  # energy_report also runs one analog pass for the ANN counts
-                events[name] = events.get(name, 0.0) + float(module.events(output).sum())
+            if module.analog:  # energy_report also runs one analog pass for the ANN counts
+                previous.pop(name, None)
+                return
+            k = torch.round(output / module.theta(output))
+            change = k - previous.get(name, torch.zeros_like(k)) if differential else k
+            previous[name] = k
+            add = lambda d, key, v: d.__setitem__(key, d.get(key, 0.0) + float(v))  # noqa: E731
+            add(sent, (name, "events"), change.abs().sum())
+            add(sent, (name, "ones"), (change.abs() == 1).sum())
+            add(sent, (name, "graded"), (change.abs() > 1).sum())
+            add(levels, (name, "events"), k.abs().sum())
+            add(levels, (name, "ones"), (k.abs() == 1).sum())
+            add(levels, (name, "graded"), (k.abs() > 1).sum())
         return hook
     handles = [m.register_forward_hook(record(n)) for n, m in snn.net.named_modules() if isinstance(m, BaseNeuron)]
     report = energy_report(snn, x)
@@ -108,19 +127,31 @@ def test_energy_counts_match_a_hand_count():
     ann_linear = 1 * 64 * D + N * D * 3 * D + N * N * D + N * N * D + N * D * D + N * D * H + N * H * D + D * K
     ann_nonlinear = 3 * N * D + N * N + N * H
     assert report["ann_macs"] == pytest.approx(ann_linear + ann_nonlinear)
-    # SNN: synapse SOPs = events x fan-out, per image (events were recorded over both images, T steps)
+    # SNN, per image (counts were recorded over both images, T steps)
     fan_out = {f"{n}.neuron": m.layer.out_features for n, m in snn.net.named_modules() if isinstance(m, SpikingSynapse)}
-    sops_syn = sum(events[n] * f for n, f in fan_out.items()) / 2
-    sops_prod = (events["blocks.0.attn.attend.q_neuron"] * N + events["blocks.0.attn.attend.k_neuron"] * N
-                 + events["blocks.0.attn.attend.attn_neuron"] * D + events["blocks.0.attn.attend.v_neuron"] * N) / 2
+    sops_syn = sum(sent[(n, "events")] * f for n, f in fan_out.items()) / 2
+    strict_sops_syn = sum(sent[(n, "ones")] * f for n, f in fan_out.items()) / 2
+    strict_macs_syn = sum(sent[(n, "graded")] * f for n, f in fan_out.items()) / 2
+    attend = "blocks.0.attn.attend."
+    operands = {attend + "q_neuron": N, attend + "k_neuron": N, attend + "attn_neuron": D, attend + "v_neuron": N}
+
+    def products(what):
+        return sum(levels[(n, what)] * f for n, f in operands.items()) / 2
+    sops_prod = products("events")
+    first_layer = (1 if differential else T) * 64 * D  # differential: the image arrives once
+    snn_macs = first_layer + T * (ann_nonlinear + N * N + N * D)  # + ECM, rescaling of QK^T and AV
     assert report["snn_sops"] == pytest.approx(sops_syn + sops_prod)
-    snn_macs = T * (64 * D + ann_nonlinear + N * N + N * D)  # first layer, ECM, rescaling of QK^T and AV
     assert report["snn_macs"] == pytest.approx(snn_macs)
     assert report["energy_snn_pj"] == pytest.approx(4.6 * snn_macs + 0.9 * (sops_syn + sops_prod))
     assert report["energy_ann_pj"] == pytest.approx(4.6 * (ann_linear + ann_nonlinear))
-    for name, rate in report["firing_rates"].items():
-        assert 0.0 <= rate <= 1.0
-    assert report["analog_ops"][0]["module"] == "patch_embed.proj"
+    assert report["snn_strict_sops"] == pytest.approx(strict_sops_syn + products("ones"))
+    assert report["snn_strict_macs"] == pytest.approx(snn_macs + strict_macs_syn + products("graded"))
+    if options.get("levels", 1) > 1:  # graded values were sent: the strict split above was exercised
+        assert strict_macs_syn > 0
+    for name, rate in report["firing_rates"].items():  # a change of level spans up to 2 L
+        assert 0.0 <= rate <= snn.net.get_submodule(name).max_level * (2 if differential else 1)
+    if not differential:
+        assert report["analog_ops"][0]["module"] == "patch_embed.proj"
     assert sum(o["energy_share"] for o in report["analog_ops"]) == pytest.approx(report["analog_share"])
 
 
@@ -129,7 +160,8 @@ def test_strict_accounting_counts_graded_inputs_as_macs():
     binary = energy_report(convert(tiny_ann(), x, timesteps=2, progress=False), x)
     assert binary["energy_snn_strict_pj"] == pytest.approx(binary["energy_snn_pj"])
     graded = energy_report(convert(tiny_ann(), x, timesteps=2, levels=4, progress=False), x)
-    assert graded["snn_strict_sops"] == 0 and graded["snn_strict_macs"] > graded["snn_macs"]
+    assert graded["snn_strict_macs"] > graded["snn_macs"]
+    assert graded["energy_snn_strict_pj"] > graded["energy_snn_pj"]
 
 
 def test_sweep_rows_equal_simulate_and_plots_have_one_line_per_variant():

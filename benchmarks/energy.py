@@ -1,0 +1,175 @@
+"""Accuracy per energy: coding x neuron x levels x T, training-free, and the Pareto front of both accountings.
+
+    python -m benchmarks.energy [--models vit_fmnist vit_fmnist_p4] [--eval-images N] [--energy-images 64]
+    python -m benchmarks.energy --quick     # vit_fmnist, 500 test images, a few points
+
+For every model and every point of the grid (rate coding: signed IF L = 1, 2, 4 and the multi-threshold
+neuron; differential coding: signed IF L = 1, 2, 4 with hysteresis 0, 1/4, 1/2; T = 1 .. 16), one conversion
+with the thresholds chosen for that T, top-1 at step T on the test images and the energy per image of
+``convert.energy_report`` (standard: one SOP per event; strict: every value sent with |k| > 1 is a MAC) on the
+first ``--energy-images`` of them. The front keeps the points no other point beats on both accuracy and
+energy. Writes benchmarks/results/energy.json and energy.png and the ``energy`` section of BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Dict, List
+
+from torch.utils.data import DataLoader, Subset
+
+from benchmarks.core import calibration_images, machine_info
+from benchmarks.outputs import benchmark_main
+from convert import convert, energy_report
+from convert.evaluate import evaluate
+from models.data import fashion_mnist
+from models.zoo import create_ann
+
+BEGIN, END = "<!-- energy:begin -->", "<!-- energy:end -->"
+RESULTS = Path("benchmarks/results")
+# name -> (convert options, T values)
+GRID: Dict[str, tuple] = {
+    "rate, signed IF L=1": (dict(), (1, 2, 4, 8, 16)),
+    "rate, signed IF L=2": (dict(levels=2), (1, 2, 4, 8)),
+    "rate, signed IF L=4": (dict(levels=4), (1, 2, 4, 8)),
+    "rate, multi-threshold N=4": (dict(neuron="multi_threshold", levels=4), (1, 2, 4, 8)),
+    "differential, signed IF L=1": (dict(coding="differential"), (4, 8, 16)),
+    "differential, signed IF L=2": (dict(coding="differential", levels=2), (2, 4, 8)),
+    "differential, signed IF L=2, s=1/2": (dict(coding="differential", levels=2, hysteresis=0.5), (4, 8, 16)),
+    "differential, signed IF L=4": (dict(coding="differential", levels=4), (2, 4, 8)),
+    "differential, signed IF L=4, s=1/4": (dict(coding="differential", levels=4, hysteresis=0.25), (2, 4, 8)),
+    "differential, signed IF L=4, s=1/2": (dict(coding="differential", levels=4, hysteresis=0.5), (2, 4, 8)),
+}
+QUICK = {k: (v[0], (2, 4)) for k, v in GRID.items() if k in
+         ("rate, signed IF L=1", "rate, signed IF L=4", "differential, signed IF L=4",
+          "differential, signed IF L=4, s=1/2")}
+
+
+def measure(models: List[str], grid: Dict[str, tuple], eval_images, energy_images: int) -> dict:
+    test_data = fashion_mnist("test")
+    test = test_data.dataset if eval_images is None else Subset(test_data.dataset, range(eval_images))
+    loader = DataLoader(test, batch_size=250)
+    energy_x = test_data.dataset.tensors[0][:energy_images]
+    calib = calibration_images()
+    out = {**machine_info(test_data.source), "images": len(test), "energy_images": energy_images, "models": {}}
+    for name in models:
+        ann = create_ann(name)
+        points = []
+        for variant, (options, steps) in grid.items():
+            for T in steps:
+                t0 = time.time()
+                snn = convert(ann, calib, timesteps=T, progress=False, **options)
+                r = evaluate(snn, loader, T, progress=False)
+                e = energy_report(snn, energy_x)
+                rates = list(e["firing_rates"].values())
+                points.append({"variant": variant, "T": T, "top1": r["top1"][-1], "ann_top1": r["ann_top1"],
+                               "energy": e["energy_snn_pj"] / e["energy_ann_pj"],
+                               "strict": e["energy_snn_strict_pj"] / e["energy_ann_pj"],
+                               "events": sum(rates) / len(rates), "analog_share": e["analog_share"],
+                               "ann_uj": e["energy_ann_pj"] / 1e6, "seconds": time.time() - t0})
+                p = points[-1]
+                print(f"{name} {variant} T={T}: {p['top1']:.2f} (ANN {p['ann_top1']:.2f}) "
+                      f"{p['energy']:.3f}x / strict {p['strict']:.3f}x", flush=True)
+        out["models"][name] = {"ann_top1": points[0]["ann_top1"], "ann_uj": points[0]["ann_uj"], "points": points}
+    return out
+
+
+def front(points: List[dict], key: str) -> List[dict]:
+    """The points no other point beats on both top-1 and ``key`` energy (strictly on one), cheapest first."""
+    def beaten(p):
+        return any(q["top1"] >= p["top1"] and q[key] <= p[key] and (q["top1"] > p["top1"] or q[key] < p[key])
+                   for q in points)
+    return sorted((p for p in points if not beaten(p)), key=lambda p: p[key])
+
+
+def cheapest_within(points: List[dict], ann_top1: float, drop: float, key: str):
+    ok = [p for p in points if ann_top1 - p["top1"] <= drop]
+    return min(ok, key=lambda p: p[key]) if ok else None
+
+
+def figure(res: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(res["models"])
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4.2 * len(models)), squeeze=False)
+    variants = list(dict.fromkeys(p["variant"] for m in res["models"].values() for p in m["points"]))
+    for row, name in zip(axes, models):
+        m = res["models"][name]
+        for ax, key, title in zip(row, ("energy", "strict"), ("standard accounting", "strict accounting")):
+            for i, v in enumerate(variants):
+                pts = sorted((p for p in m["points"] if p["variant"] == v), key=lambda p: p["T"])
+                style = "-" if v.startswith("rate") else "--"
+                ax.plot([p[key] for p in pts], [p["top1"] for p in pts], style, marker="o", ms=3,
+                        color=f"C{i % 10}", label=v)
+                for p in pts:
+                    ax.annotate(str(p["T"]), (p[key], p["top1"]), fontsize=6, xytext=(2, 2),
+                                textcoords="offset points")
+            edge = front(m["points"], key)
+            ax.plot([p[key] for p in edge], [p["top1"] for p in edge], color="black", lw=2.5, alpha=0.25,
+                    label="Pareto front")
+            ax.axhline(m["ann_top1"], color="black", ls=":", lw=1, label=f"ANN {m['ann_top1']:.2f}%")
+            ax.axhline(m["ann_top1"] - 0.5, color="grey", ls=":", lw=0.6)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("energy per image / the ANN's (numbers: T)")
+            ax.set_ylabel("top-1 at step T (%)")
+            ax.set_title(f"{name}: {title}", fontsize=9)
+            lo = sorted(p["top1"] for p in m["points"])[len(m["points"]) // 5]
+            ax.set_ylim(max(lo - 3, 0), m["ann_top1"] + 1)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6, ncol=1, loc="lower right")
+    fig.suptitle("Accuracy per energy, training-free (solid: rate coding, dashed: differential)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def markdown(res: dict, command: str) -> str:
+    lines = [BEGIN, "## Accuracy per energy: coding x neuron x levels x T (training-free)", "",
+             f"Measured with `{command}` on {res['date']}: {res['machine']}; top-1 at step T on {res['images']} "
+             f"test images, energy on the first {res['energy_images']} ({res['data']}). Energy is the SNN's per image "
+             "over T steps divided by the ANN's (DESIGN section 6, `convert/energy.py`); standard: one SOP per event, "
+             "strict: a value sent with |k| > 1 costs one MAC per synapse. `events`: mean events per neuron per step. "
+             "Differential coding sends k(t) - k(t-1); `s` is its hysteresis.", "",
+             f"![accuracy vs energy](benchmarks/results/{'energy-quick' if res.get('quick') else 'energy'}.png)", ""]
+    for name, m in res["models"].items():
+        ann = m["ann_top1"]
+        lines += [f"### {name} (ANN {ann:.2f}%, {m['ann_uj']:.1f} uJ per image)", ""]
+        for key, label in (("energy", "standard"), ("strict", "strict")):
+            best = [cheapest_within(m["points"], ann, d, key) for d in (0.5, 1.0)]
+            lines.append(f"- cheapest point, {label} accounting: " + "; ".join(
+                f"within {d} pt: " + (f"{p['variant']} T={p['T']}, {p['top1']:.2f}% at {p[key]:.2f}x" if p else "none")
+                for d, p in zip((0.5, 1.0), best)))
+        lines += ["", "| variant | T | top-1 | drop | energy (x ANN) | strict (x ANN) | events | on the front |",
+                  "|---|---|---|---|---|---|---|---|"]
+        on = {(p["variant"], p["T"]) for key in ("energy", "strict") for p in front(m["points"], key)}
+        for p in m["points"]:
+            lines.append(f"| {p['variant']} | {p['T']} | {p['top1']:.2f} | {ann - p['top1']:.2f} | {p['energy']:.3f} | "
+                         f"{p['strict']:.3f} | {p['events']:.3f} | {'yes' if (p['variant'], p['T']) in on else ''} |")
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def _run(args, grid):
+    res = {**measure(args.models, grid, args.eval_images, args.energy_images), "quick": args.quick}
+    fig = figure(res)
+    args.out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out / ("energy-quick.png" if args.quick else "energy.png"), dpi=110)
+    return res
+
+
+def _arguments(parser):
+    parser.add_argument("--models", nargs="+", default=["vit_fmnist", "vit_fmnist_p4"])
+    parser.add_argument("--eval-images", type=int, default=None, help="default: the whole test split")
+    parser.add_argument("--energy-images", type=int, default=64)
+
+
+def main() -> None:
+    def quick(args):
+        args.models, args.eval_images = args.models[:1], args.eval_images or 500
+        return _run(args, QUICK)
+    benchmark_main("energy", __doc__, lambda args: _run(args, GRID), quick, markdown, _arguments)
+
+
+if __name__ == "__main__":
+    main()
