@@ -264,9 +264,10 @@ class Rewriter:
 
     def __init__(self, make_neuron: Callable[[bool], BaseNeuron], attention: str = "ecm", mask_p: float = 0.0,
                  spike_driven: bool = False, fixed_tokens: bool = True,
-                 example: Optional[torch.Tensor] = None) -> None:
+                 example: Optional[torch.Tensor] = None, mask_rescale: bool = False) -> None:
         self.make_neuron = make_neuron
         self.attention, self.mask_p, self.spike_driven = attention, mask_p, spike_driven
+        self.mask_rescale = mask_rescale
         self.fixed_tokens = fixed_tokens
         self.example = example
         self.first_layers: Set[str] = set()
@@ -741,7 +742,8 @@ class _GraphState:
                             f"position bias, shifted windows or a causal mask): use attention=ecm or psa here")
         rw.attention_count += 1  # each attention core draws its own psa masks
         core = SpikingSDPA(rw.attention, rw.make_neuron, fixed_tokens=rw.fixed_tokens, mask_p=rw.mask_p,
-                           seed=3 * rw.attention_count, constant=tuple(not self.kind(x) for x in (q, k, v)))
+                           seed=3 * rw.attention_count, constant=tuple(not self.kind(x) for x in (q, k, v)),
+                           mask_rescale=rw.mask_rescale)
         new = self.replace(node, "attend", core)
         if rw.attention == "ssa":
             self.binary_sources.add(new)

@@ -5,7 +5,10 @@ The variants differ in ``attend``:
 
     ecm     s_q, s_k, s_v = SN(q), SN(k), SN(v)
             A = SN(ECM_softmax(scale * ECM_product(s_q, s_k^T) + mask));  out = ECM_product(A, s_v)
-    psa     ecm with random masks on s_q, s_k and A: mask(x) = x * Bernoulli(1 - p), no rescaling
+    psa     ecm with random masks on s_q, s_k and A: mask(x) = x * Bernoulli(1 - p); ``mask_rescale``
+            divides each masked operand's product by 1 - p (folded into the softmax scale for Q K^T and
+            into the product's own rescaling for A V: the spikes stay in the alphabet), so the masked
+            products are unbiased
     ssa     Spikformer: Q, K, V = IF(q), IF(k), IF(v) in {0, 1};  out = 0.125 * Q K^T V at every step,
             no softmax; the neuron of the next Linear becomes a binary IF neuron: SN(0.125 Q K^T V)
     a2os2a  A2OS2A: Q = IF(q) in {0, 1}, K = ReLU(k) real >= 0, V = ternary(v) in {-1, 0, 1};
@@ -82,7 +85,8 @@ class SpikingSDPA(nn.Module):
     spike streams, in one of the variants above."""
 
     def __init__(self, variant: str, make_neuron: Callable[[bool], BaseNeuron], fixed_tokens: bool = True,
-                 mask_p: float = 0.0, seed: int = 0, constant: Tuple[bool, bool, bool] = (False, False, False)) -> None:
+                 mask_p: float = 0.0, seed: int = 0, constant: Tuple[bool, bool, bool] = (False, False, False),
+                 mask_rescale: bool = False) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown attention {variant!r}: use one of {', '.join(VARIANTS)}")
@@ -98,6 +102,7 @@ class SpikingSDPA(nn.Module):
             self.av = SpikeProduct()
             masks = [BernoulliMask(mask_p, seed + i) for i in range(3)] if mask_p > 0 else [nn.Identity()] * 3
             self.q_mask, self.k_mask, self.attn_mask = masks
+            self.mask_gain = 1.0 / (1.0 - mask_p) if mask_rescale and mask_p > 0 else 1.0  # per masked operand
         elif variant == "ssa":
             self.q_neuron, self.k_neuron, self.v_neuron = IFNeuron(1), IFNeuron(1), IFNeuron(1)
             self.qk, self.av = StepProduct(), StepProduct()
@@ -124,14 +129,15 @@ class SpikingSDPA(nn.Module):
         q = self.q_mask(self.q_neuron(q))
         k = self.k_mask(self.k_neuron(k))
         v = self.v_neuron(v)
-        attn = self.qk(q, k.transpose(-2, -1)) * scale
+        attn = self.qk(q, k.transpose(-2, -1)) * (scale * self.mask_gain ** 2)
         if is_causal:
             attn = attn + causal_mask(q.shape[-2], k.shape[-2], attn)
         mask = additive_mask(attn_mask, attn)
         if mask is not None:
             attn = attn + mask
         attn = self.attn_mask(self.attn_neuron(self.softmax(attn)))
-        return self.av(attn, v)
+        out = self.av(attn, v)
+        return out * self.mask_gain if self.mask_gain != 1.0 else out
 
     def products(self) -> List[Tuple[nn.Module, Optional[BaseNeuron], Optional[BaseNeuron], bool]]:
         """(product, neuron of A or None, neuron of B or None, B transposed) for operation counting."""

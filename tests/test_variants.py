@@ -123,6 +123,33 @@ def test_psa_attention_sops_fall_as_one_minus_mask_p(mask_p):
     assert total(e_psa) < (1 - mask_p / 3) * total(e_ecm)
 
 
+def test_psa_rescaling_is_unbiased_and_free(mask_p=0.5):
+    """Dividing the masked products by 1 - mask_p: the same masks and events (the spikes stay in the
+    alphabet, the factor rides on the products' own scaling), and over many mask seeds the attention logits
+    average to the unmasked ones, where the unscaled masks shrink them by (1 - mask_p)^2."""
+    x = _images(4)
+    ann = build("cls_token")
+    ecm = convert(ann, x, timesteps=1, progress=False)
+    plain = convert(ann, x, timesteps=1, attention="psa", mask_p=mask_p, progress=False)
+    scaled = convert(ann, x, timesteps=1, attention="psa", mask_p=mask_p, mask_rescale=True, progress=False)
+    first = "blocks.0.attn.attend.qk"  # the first product sees the same spikes and masks either way
+    assert energy_report(plain, x)["layers"][first]["sops"] == energy_report(scaled, x)["layers"][first]["sops"]
+
+    def logits(snn, seeds):
+        core, seen = snn.net.blocks[0].attn.attend, []
+        handle = core.softmax.register_forward_pre_hook(lambda m, i: seen.append(i[0]))
+        for seed in seeds:
+            core.q_mask.seed, core.k_mask.seed = 2 * seed, 2 * seed + 1
+            snn.simulate(x)
+        handle.remove()
+        return torch.stack(seen).mean(0)
+    ref = logits(ecm, [0])
+    seeds = range(100)  # the mean of 100 draws: the scaled logits' relative error is about 0.17 here
+    error = {name: float((logits(snn, seeds) - ref).norm() / ref.norm()) for name, snn in
+             (("plain", plain), ("scaled", scaled))}
+    assert error["scaled"] < 0.25 and error["plain"] > 1 - (1 - mask_p) ** 2 - 0.1, error
+
+
 def test_psa_masks_repeat_exactly_and_differ_between_steps():
     x = _images(2)
     psa = convert(build("cls_token"), x, timesteps=6, attention="psa", mask_p=0.5, progress=False)
@@ -209,6 +236,7 @@ def test_finetuning_lowers_the_loss_of_every_variant(options):
     (dict(attention="psa", mask_p=-0.1), r"in \[0, 1\)"),
     (dict(attention="psa", mask_p="half"), r"in \[0, 1\)"),
     (dict(mask_p=0.3), "applies to attention=psa only"),
+    (dict(mask_rescale=True), "attention.mask_rescale applies to attention=psa only"),
     (dict(attention="a2os2a", levels=4), "attention=a2os2a uses binary Q and ternary V"),
     (dict(attention="ssa", neuron="multi_threshold", levels=1), "attention=ssa uses binary Q, K, V"),
     (dict(residual="spike_driven", levels=2), "residual=spike_driven uses binary inputs"),

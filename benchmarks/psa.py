@@ -1,0 +1,88 @@
+"""psa (EST's partial-information attention), training-free: accuracy vs mask_p vs the attention's SOPs, with
+and without dividing the masked products by 1 - mask_p. Writes its section of BENCHMARKS.md.
+
+    python -m benchmarks.psa [--models vit_fmnist] [--timesteps 4 8] [--eval-images 2000]
+    python -m benchmarks.psa --quick     # 300 test images, T=4, mask_p 0.25
+
+For each model, T and mask_p: one conversion (defaults otherwise), top-1 at step T, the Q K^T and A V SOPs and
+the energy per image relative to ecm's (``convert.energy_report`` on 64 test images).
+"""
+from __future__ import annotations
+
+from torch.utils.data import DataLoader, Subset
+
+from benchmarks.core import calibration_images, machine_info
+from benchmarks.outputs import benchmark_main
+from convert import convert, energy_report
+from convert.evaluate import evaluate
+from models.data import fashion_mnist
+from models.zoo import create_ann
+
+BEGIN, END = "<!-- psa:begin -->", "<!-- psa:end -->"
+MASK_P = (0.1, 0.25, 0.5)
+
+
+def _attention_sops(report, which: str) -> float:
+    return sum(r.get("sops", 0.0) for n, r in report["layers"].items() if n.endswith(which))
+
+
+def measure(models, steps, mask_ps, eval_images: int) -> dict:
+    test_data = fashion_mnist("test")
+    loader = DataLoader(Subset(test_data.dataset, range(eval_images)), batch_size=250)
+    energy_x = test_data.dataset.tensors[0][:64]
+    calib = calibration_images()
+    out = {**machine_info(test_data.source), "images": eval_images, "models": {}}
+    for name in models:
+        ann = create_ann(name)
+        rows = []
+        for T in steps:
+            settings = [("ecm", 0.0, False)] + [("psa", p, r) for p in mask_ps for r in (False, True)]
+            base = None
+            for attention, p, rescale in settings:
+                options = dict(attention=attention, mask_p=p, mask_rescale=rescale) if attention == "psa" else {}
+                snn = convert(ann, calib, timesteps=T, progress=False, **options)
+                r = evaluate(snn, loader, T, progress=False)
+                e = energy_report(snn, energy_x)
+                row = {"T": T, "mask_p": p, "rescale": rescale, "top1": r["top1"][-1], "ann_top1": r["ann_top1"],
+                       "qk": _attention_sops(e, ".qk"), "av": _attention_sops(e, ".av"), "energy": e["energy_snn_pj"]}
+                base = base or row
+                row.update(qk_vs_ecm=row["qk"] / base["qk"], av_vs_ecm=row["av"] / base["av"],
+                           energy_vs_ecm=row["energy"] / base["energy"], drop_vs_ecm=base["top1"] - row["top1"])
+                rows.append(row)
+                print(f"{name} T={T} {attention} p={p} rescale={rescale}: {row['top1']:.2f} "
+                      f"(ecm {base['top1']:.2f}) QK^T SOPs x{row['qk_vs_ecm']:.2f}", flush=True)
+        out["models"][name] = {"ann_top1": rows[0]["ann_top1"], "rows": rows}
+    return out
+
+
+def markdown(res: dict, command: str) -> str:
+    lines = [BEGIN, "## psa: accuracy vs mask_p vs SOPs (training-free)", "",
+             f"Measured with `{command}` on {res['date']}: {res['machine']}; top-1 at step T on {res['images']} test "
+             "images, SOPs and energy on 64. `rescale`: `attention.mask_rescale=true` (the masked products divided by "
+             "1 - mask_p; EST does not rescale). SOPs and energy relative to ecm's at the same T.", ""]
+    for name, m in res["models"].items():
+        lines += [f"### {name} (ANN {m['ann_top1']:.2f}%)", "",
+                  "| T | mask_p | rescale | top-1 | drop vs ecm | Q K^T SOPs vs ecm | A V SOPs vs ecm | energy vs ecm |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in m["rows"]:
+            lines.append(f"| {r['T']} | {r['mask_p']} | {'yes' if r['rescale'] else ('-' if r['mask_p'] == 0 else 'no')} | "
+                         f"{r['top1']:.2f} | {r['drop_vs_ecm']:+.2f} | {r['qk_vs_ecm']:.2f} | {r['av_vs_ecm']:.2f} | "
+                         f"{r['energy_vs_ecm']:.3f} |")
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def _arguments(parser):
+    parser.add_argument("--models", nargs="+", default=["vit_fmnist"])
+    parser.add_argument("--timesteps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--eval-images", type=int, default=2000)
+
+
+def main() -> None:
+    benchmark_main("psa", __doc__, lambda a: measure(a.models, a.timesteps, MASK_P, a.eval_images),
+                   lambda a: measure(a.models[:1], [4], (0.25,), 300), markdown, _arguments)
+
+
+if __name__ == "__main__":
+    main()
