@@ -1,6 +1,6 @@
 """Accuracy per energy: coding x neuron x levels x T, training-free, and the Pareto front of both accountings.
 
-    python -m benchmarks.energy [--models vit_fmnist vit_fmnist_p4] [--eval-images N] [--energy-images 64]
+    python -m benchmarks.energy [--models vit_fmnist vit_fmnist_gap] [--eval-images N] [--energy-images 64]
     python -m benchmarks.energy --quick     # vit_fmnist, 500 test images, a few points
 
 For every model and every point of the grid (rate coding: signed IF L = 1, 2, 4 and the multi-threshold
@@ -159,7 +159,7 @@ def _run(args, grid):
 
 
 def _arguments(parser):
-    parser.add_argument("--models", nargs="+", default=["vit_fmnist", "vit_fmnist_p4"])
+    parser.add_argument("--models", nargs="+", default=["vit_fmnist", "vit_fmnist_gap"])
     parser.add_argument("--eval-images", type=int, default=None, help="default: the whole test split")
     parser.add_argument("--energy-images", type=int, default=64)
 

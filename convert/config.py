@@ -54,6 +54,7 @@ class CalibrationConfig:
 class AttentionConfig:
     name: str = MISSING
     mask_p: float = MISSING
+    mask_rescale: bool = MISSING
     residual: str = MISSING
 
 
@@ -168,6 +169,7 @@ def convert_options(cfg: DictConfig) -> Dict[str, Any]:
                 per_channel=cfg.calibration.per_channel, per_token=cfg.calibration.per_token,
                 correction=cfg.calibration.correction,
                 num_images=cfg.calibration.num_images,
-                attention=cfg.attention.name, mask_p=cfg.attention.mask_p, residual=cfg.attention.residual,
+                attention=cfg.attention.name, mask_p=cfg.attention.mask_p,
+                mask_rescale=cfg.attention.mask_rescale, residual=cfg.attention.residual,
                 step_mode=cfg.step_mode,
                 progress=cfg.progress)

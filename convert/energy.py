@@ -82,7 +82,7 @@ class _Counter:
         self.analog = False
         self.ops: Dict[str, Dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.handles = []
-        self.pending: Dict[int, BaseNeuron] = {}  # a synapse's neuron -> its output in this call
+        self.pending: Dict[int, Tuple[BaseNeuron, torch.Tensor]] = {}  # synapse -> (its neuron, its output) this call
         self.steps_per_call = steps_per_call  # T in multi-step mode
         self.differential = any(isinstance(m, BaseNeuron) and m.coding == "differential" for m in net.modules())
         self.last_input: Dict[str, Optional[torch.Tensor]] = {}  # analog layers' input at the previous step

@@ -159,6 +159,8 @@ def keys() -> List[Key]:
         Key("calibration.num_images", "int", "calibration images", low=1, api="num_images"),
         Key("attention.name", "choice", "attention variant", choices=c["attention"], api="attention"),
         Key("attention.mask_p", "float", "share of spikes masked by psa", low=0, high=1, high_open=True, api="mask_p"),
+        Key("attention.mask_rescale", "bool", "psa: divide the masked products by 1 - mask_p (unbiased)",
+            api="mask_rescale"),
         Key("attention.residual", "choice", "residual style", choices=c["residual"], api="residual"),
         Key("finetune.epochs", "int", "fine-tuning epochs (0: training-free)", low=0, high=100000),
         Key("finetune.lr", "float", "learning rate of the weights", low=0, low_open=True, high=10, api="lr"),
@@ -239,18 +241,20 @@ def check_combination(o: Dict[str, Any]) -> None:
     if o["neuron"] == "ternary" and o["levels"] != 1:
         raise ValueError(f"the ternary neuron has exactly one level (k in {{-1, 0, 1}}): neuron.levels must be 1, "
                          f"got {o['levels']}")
+    if o["mask_rescale"] and o["attention"] != "psa":
+        raise ValueError(f"attention.mask_rescale applies to attention=psa only (attention is {o['attention']!r})")
     if o["mask_p"] > 0 and o["attention"] != "psa":
         raise ValueError(f"attention.mask_p={o['mask_p']} applies to attention=psa only (attention is "
                          f"{o['attention']!r})")
     if o["coding"] == "differential":
         for what, name, ok in (("neuron", o["neuron"], o["neuron"] != "ternary"),
-                               ("attention", o["attention"], o["attention"] == "ecm"),
+                               ("attention", o["attention"], o["attention"] in ("ecm", "psa")),
                                ("residual", o["residual"], o["residual"] == "membrane")):
             if not ok:
                 raise ValueError(f"coding=differential sends changes of a neuron's level, which {what}={name} "
                                  f"cannot take (it needs rate-coded spikes or a leaky, hard-reset neuron): use "
-                                 f"coding=rate, or neuron=signed_if / if / multi_threshold with attention=ecm and "
-                                 f"residual=membrane")
+                                 f"coding=rate, or neuron=signed_if / if / multi_threshold with attention=ecm or psa "
+                                 f"and residual=membrane")
     if o["hysteresis"] > 0 and o["coding"] != "differential":
         raise ValueError(f"neuron.hysteresis={o['hysteresis']} applies to coding=differential only (coding is "
                          f"{o['coding']!r})")

@@ -12,8 +12,10 @@ Coding (``coding``): ``rate`` sends k at every step; ``differential`` sends only
 k(t) - k(t-1), and the receiving layer keeps W k(t-1) theta and adds W (k(t) - k(t-1)) theta: the same
 values reach the network, but a neuron whose level is steady sends nothing. ``hysteresis`` s makes levels
 steady: the neuron keeps k(t-1) while its membrane after the reset stays within s of its usual range
-([-s, 1 + s) for floor neurons, |u| < 1/2 + s for rounding ones), so the error of the running mean
-grows from theta / (2t) to (1/2 + s) theta / t; s = 0 gives exactly the rate-coded outputs.
+([-s, 1 + s) for floor neurons, |u| < 1/2 + s for rounding ones) and otherwise changes it by the
+smallest step that brings the membrane back (IF neurons; the multi-threshold neuron fires anew), so the
+error of the running mean grows from theta / (2t) to (1/2 + s) theta / t; s = 0 gives exactly the
+rate-coded outputs.
 
 Training (fine-tuning over T): with a ``surrogate`` set and gradients enabled, the
 forward value stays exactly k while the gradient is that of a smooth or linear
@@ -256,9 +258,9 @@ class MultiThresholdNeuron(BaseNeuron):
         pos = [2 ** j for j in range(self.num_levels)]
         return sorted(([-p for p in pos] if self.signed else []) + [0] + pos)
 
-    def count(self, spikes: torch.Tensor) -> torch.Tensor:
+    def count(self, k: torch.Tensor) -> torch.Tensor:
         """One graded event per non-zero spike."""
-        return (spikes != 0).to(spikes.dtype)
+        return (k != 0).to(k.dtype)
 
     def fire(self, u: torch.Tensor) -> torch.Tensor:
         mag = u.abs() if self.signed else torch.clamp(u, min=0)

@@ -74,3 +74,22 @@ def test_energy_quick_runs_and_renders():
     energy_bench.figure(res)
     md = energy_bench.markdown(res, "test")
     assert md.startswith(energy_bench.BEGIN) and md.rstrip().endswith(energy_bench.END) and "| rate, signed IF L=1 | 2 |" in md
+
+
+def test_recipes_quick_runs_and_renders():
+    from benchmarks import recipes
+    res = recipes.measure(["vit_fmnist"], {"labels (defaults)": ({}, {})}, steps=2, eval_images=64)
+    row = res["models"]["vit_fmnist"]["recipes"]["labels (defaults)"]
+    assert row["seconds"] > 0 and row["after"]["strict"] >= row["after"]["energy"] > 0
+    md = recipes.markdown(res, "test")
+    assert md.startswith(recipes.BEGIN) and md.rstrip().endswith(recipes.END) and "| labels (defaults) |" in md
+
+
+def test_psa_quick_runs_and_renders():
+    from benchmarks import psa
+    res = psa.measure(["vit_fmnist"], [2], (0.5,), eval_images=32)
+    rows = res["models"]["vit_fmnist"]["rows"]
+    assert [(r["mask_p"], r["rescale"]) for r in rows] == [(0.0, False), (0.5, False), (0.5, True)]
+    assert rows[0]["qk_vs_ecm"] == 1.0 and rows[1]["qk_vs_ecm"] == pytest.approx(0.5, abs=0.12)  # each operand's events x (1 - p)
+    md = psa.markdown(res, "test")
+    assert md.startswith(psa.BEGIN) and md.rstrip().endswith(psa.END) and "| 2 | 0.5 | yes |" in md

@@ -105,7 +105,7 @@ def test_leaky_or_hard_reset_neurons_refuse_differential_coding():
 @pytest.mark.parametrize("options, message", [
     (dict(neuron="ternary"), "coding=differential sends changes"),
     (dict(attention="ssa"), "coding=differential sends changes"),
-    (dict(attention="psa", mask_p=0.25), "coding=differential sends changes"),
+    (dict(attention="a2os2a"), "coding=differential sends changes"),
     (dict(residual="spike_driven"), "coding=differential sends changes"),
 ])
 def test_combinations_that_need_rate_spikes_are_refused(options, message, tmp_path):
@@ -145,6 +145,18 @@ def test_every_family_converges_with_hysteresis(name):
                   step_mode="m")
     err = rel_err(snn.simulate(x), ref)
     assert err[T - 1] < 0.2 and err[T - 1] < 0.5 * err[T // 8 - 1], (err[0], err[T // 8 - 1], err[T - 1])
+
+
+def test_psa_masks_levels_under_differential_coding(images):
+    """psa's masks act on the attention operands' levels, which differential coding leaves as they are."""
+    ann = build("cls_token")
+    kw = dict(timesteps=6, attention="psa", mask_p=0.25, progress=False)
+    rate = convert(ann, images, **kw)
+    diff = convert(ann, images, coding="differential", **kw)
+    assert torch.equal(rate.simulate(images), diff.simulate(images))
+    products = [{n: v["sops"] for n, v in energy_report(snn, images)["layers"].items() if n.endswith((".qk", ".av"))}
+                for snn in (rate, diff)]
+    assert products[0] and products[0] == products[1]  # the masked levels, whatever the coding
 
 
 def test_differential_coding_sends_fewer_events_for_the_same_outputs():
