@@ -167,7 +167,8 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
     resume_meta, resume_tensors = {"epoch": 0, "batch": 0, "step": 0, "history": []}, {}
     if o["resume"]:
         resume_tensors, resume_meta = load_training_state(o["resume"], snn)
-        if {k: resume_meta["options"].get(k) for k in RESULT_OPTIONS} != {k: o[k] for k in RESULT_OPTIONS} \
+        written = {k: resume_meta["options"].get(k, FINETUNE_DEFAULTS[k]) for k in RESULT_OPTIONS}  # older: defaults
+        if written != {k: o[k] for k in RESULT_OPTIONS} \
                 or resume_meta["epochs"] != epochs:
             raise ValueError(f"cannot resume from {o['resume']}: it was written with other fine-tuning options "
                              f"(epochs {resume_meta['epochs']}, {_result_options(resume_meta['options'])}); "
