@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from convert import convert
+from convert import convert, energy_report
 from convert.evaluate import evaluate
 from models.data import fashion_mnist
 from models.zoo import create_ann
@@ -52,6 +52,17 @@ def fidelity(ann, calib, test, max_t, levels, target_t=None, **options):
     res["evaluate_s"] = time.time() - t0
     res["calibration_s"] = cal_s
     return res
+
+
+def accuracy_and_energy(snn, loader, T: int, energy_images: torch.Tensor) -> dict:
+    """Top-1 at step T on ``loader`` and the energy per image relative to the ANN's on ``energy_images``
+    (standard and strict accounting, mean events per neuron per step, analog share)."""
+    r = evaluate(snn, loader, T, progress=False)
+    e = energy_report(snn, energy_images, timesteps=T)
+    rates = list(e["firing_rates"].values())
+    return {"top1": r["top1"][-1], "ann_top1": r["ann_top1"], "energy": e["energy_snn_pj"] / e["energy_ann_pj"],
+            "strict": e["energy_snn_strict_pj"] / e["energy_ann_pj"], "events": sum(rates) / len(rates),
+            "analog_share": e["analog_share"], "ann_uj": e["energy_ann_pj"] / 1e6}
 
 
 def timing(ann, x, T: int = 8, repeats: int = 3):

@@ -13,20 +13,17 @@ energy. Writes benchmarks/results/energy.json and energy.png and the ``energy`` 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Dict, List
 
 from torch.utils.data import DataLoader, Subset
 
-from benchmarks.core import calibration_images, machine_info
+from benchmarks.core import accuracy_and_energy, calibration_images, machine_info
 from benchmarks.outputs import benchmark_main
-from convert import convert, energy_report
-from convert.evaluate import evaluate
+from convert import convert
 from models.data import fashion_mnist
 from models.zoo import create_ann
 
 BEGIN, END = "<!-- energy:begin -->", "<!-- energy:end -->"
-RESULTS = Path("benchmarks/results")
 # name -> (convert options, T values)
 GRID: Dict[str, tuple] = {
     "rate, signed IF L=1": (dict(), (1, 2, 4, 8, 16)),
@@ -59,14 +56,8 @@ def measure(models: List[str], grid: Dict[str, tuple], eval_images, energy_image
             for T in steps:
                 t0 = time.time()
                 snn = convert(ann, calib, timesteps=T, progress=False, **options)
-                r = evaluate(snn, loader, T, progress=False)
-                e = energy_report(snn, energy_x)
-                rates = list(e["firing_rates"].values())
-                points.append({"variant": variant, "T": T, "top1": r["top1"][-1], "ann_top1": r["ann_top1"],
-                               "energy": e["energy_snn_pj"] / e["energy_ann_pj"],
-                               "strict": e["energy_snn_strict_pj"] / e["energy_ann_pj"],
-                               "events": sum(rates) / len(rates), "analog_share": e["analog_share"],
-                               "ann_uj": e["energy_ann_pj"] / 1e6, "seconds": time.time() - t0})
+                points.append({"variant": variant, "T": T, **accuracy_and_energy(snn, loader, T, energy_x),
+                               "seconds": time.time() - t0})
                 p = points[-1]
                 print(f"{name} {variant} T={T}: {p['top1']:.2f} (ANN {p['ann_top1']:.2f}) "
                       f"{p['energy']:.3f}x / strict {p['strict']:.3f}x", flush=True)

@@ -15,10 +15,9 @@ import time
 
 from torch.utils.data import DataLoader, Subset
 
-from benchmarks.core import calibration_images, machine_info
+from benchmarks.core import accuracy_and_energy, calibration_images, machine_info
 from benchmarks.outputs import benchmark_main
-from convert import convert, energy_report, finetune
-from convert.evaluate import evaluate
+from convert import convert, finetune
 from models.data import fashion_mnist
 from models.zoo import create_ann
 
@@ -36,13 +35,6 @@ RECIPES = {
 }
 
 
-def _point(snn, loader, energy_x):
-    r = evaluate(snn, loader, T, progress=False)
-    e = energy_report(snn, energy_x)
-    return {"top1": r["top1"][-1], "ann_top1": r["ann_top1"], "energy": e["energy_snn_pj"] / e["energy_ann_pj"],
-            "strict": e["energy_snn_strict_pj"] / e["energy_ann_pj"]}
-
-
 def measure(models, recipes, steps: int, eval_images: int) -> dict:
     test_data = fashion_mnist("test")
     train = fashion_mnist("train").dataset
@@ -57,11 +49,11 @@ def measure(models, recipes, steps: int, eval_images: int) -> dict:
         rows = {}
         for recipe, (options, ft_options) in recipes.items():
             snn = convert(ann, calib, timesteps=T, progress=False, **options)
-            before = _point(snn, loader, energy_x)
+            before = accuracy_and_energy(snn, loader, T, energy_x)
             t0 = time.time()
             finetune(snn, images, epochs=1, batch_size=64, progress=False, **ft_options)
             seconds = time.time() - t0
-            rows[recipe] = {"before": before, "after": _point(snn, loader, energy_x), "seconds": seconds}
+            rows[recipe] = {"before": before, "after": accuracy_and_energy(snn, loader, T, energy_x), "seconds": seconds}
             print(f"{name} {recipe}: {before['top1']:.2f} -> {rows[recipe]['after']['top1']:.2f} "
                   f"(ANN {before['ann_top1']:.2f}), energy {before['energy']:.3f} -> {rows[recipe]['after']['energy']:.3f}",
                   flush=True)

@@ -53,11 +53,6 @@ def _costs(neuron: BaseNeuron, k: torch.Tensor, fan_out: float) -> Tuple[float, 
     return sops, float(events[~graded].sum()) * fan_out, float(graded.sum()) * fan_out
 
 
-def _levels(neuron: BaseNeuron, out: torch.Tensor) -> torch.Tensor:
-    """The integer levels k of an output k theta (what a rate-coded neuron sends)."""
-    return torch.round(out / neuron.theta(out))
-
-
 def product_macs(op, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> float:
     """Dense MACs of a bilinear product: matmul, element-wise, or einsum (every index combination once)."""
     if op is torch.mul:
@@ -183,10 +178,10 @@ class _Counter:
                 return
             terms = []  # (standard SOPs, strict SOPs, strict MACs) for each spike operand
             if neuron_a is not None:
-                terms.append(_costs(neuron_a, _levels(neuron_a, a), dense / a.numel()))
+                terms.append(_costs(neuron_a, neuron_a.integer_levels(a), dense / a.numel()))
             if neuron_b is not None:
                 b = b.transpose(-2, -1) if transposed_b else b
-                terms.append(_costs(neuron_b, _levels(neuron_b, b), dense / b.numel()))
+                terms.append(_costs(neuron_b, neuron_b.integer_levels(b), dense / b.numel()))
             if not terms:
                 rec["macs"] += dense
                 rec["strict_macs"] += dense

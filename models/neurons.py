@@ -98,13 +98,17 @@ class BaseNeuron(StatefulModule):
             return theta
         return theta.reshape(-1, *([1] * (like.dim() - 1 - self.channel_axis)))
 
+    def integer_levels(self, out: torch.Tensor) -> torch.Tensor:
+        """The integer levels k of an output k theta."""
+        return torch.round(out / self.theta(out))
+
     def sent(self, out: torch.Tensor) -> torch.Tensor:
         """What the latest output ``out`` = k theta sent per element: k (rate) or k(t) - k(t-1) (differential)."""
         if self.coding == "differential":
             if self._prior is None or self._prior.shape != out.shape:
                 raise ValueError("sent() of a differential neuron takes the output of its latest call")
             out = out - self._prior
-        return torch.round(out / self.theta(out))
+        return self.integer_levels(out)
 
     def events(self, out: torch.Tensor) -> torch.Tensor:
         """Events per element of the latest output: of what it sent."""

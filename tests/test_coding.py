@@ -7,16 +7,13 @@ from hypothesis import given, settings, strategies as st
 from convert import convert
 from convert.energy import energy_report
 from models.families import tiny
-from models.neurons import IFNeuron, MultiThresholdNeuron, SignedIFNeuron, TernaryNeuron
+from models.neurons import IFNeuron, SignedIFNeuron, TernaryNeuron
 from models.state import reset_net, set_step_mode
 from tests.conftest import build
 from tests.test_families import FAMILIES, HORIZON, images, rel_err
+from tests.test_neurons import NEURONS as ALL_NEURONS
 
-NEURONS = [
-    lambda: IFNeuron(levels=1), lambda: IFNeuron(levels=3), lambda: SignedIFNeuron(levels=1),
-    lambda: SignedIFNeuron(levels=4), lambda: MultiThresholdNeuron(levels=4),
-    lambda: MultiThresholdNeuron(levels=3, signed=False), lambda: SignedIFNeuron(levels=2, v_init=0.0),
-]
+NEURONS = [make for make in ALL_NEURONS if not isinstance(make(), TernaryNeuron)]  # no leak, soft reset
 
 
 def steps(neuron, xs):
