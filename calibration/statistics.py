@@ -140,7 +140,7 @@ def iter_images(data, batch_size: int = 64) -> Iterator[torch.Tensor]:
 @contextmanager
 def analog_mode(net: nn.Module):
     """Neurons (and random attention masks) become the identity and every module runs one step per call:
-    ``net`` computes the ANN (for ssa / a2os2a: the ANN of that attention, without softmax)."""
+    ``net`` computes the ANN (ssa and a2os2a compute the softmax attention they replace)."""
     neurons = [m for m in net.modules() if isinstance(m, BaseNeuron)]
     switched = neurons + [m for m in net.modules() if isinstance(m, BernoulliMask)]
     reset_net(net)

@@ -75,6 +75,8 @@ class FinetuneConfig:
     distill: float = MISSING
     temperature: float = MISSING
     event_penalty: float = MISSING
+    blend: float = MISSING
+    feature_distill: float = MISSING
     grad_checkpoint: bool = MISSING
     checkpoint_every: int = MISSING
     resume: Optional[str] = None

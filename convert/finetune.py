@@ -4,7 +4,13 @@ The loss is taken on the mean output over T steps, run in multi-step mode:
 
     logits = (1/T) sum_t net(x)(t)
     loss = (1 - distill) CE(logits, y) + distill tau^2 KL(softmax(ann / tau) || softmax(logits / tau))
+           + feature_distill * mean over blocks b of |mean_t h_b(t) - h_b^ann|^2 / |h_b^ann|^2
            + event_penalty * (events sent per neuron per step, over every neuron and step)
+
+``blend`` fades the SNN in from the ANN over the first share ``blend`` of the steps: at step s,
+lambda = min(1, s / (blend S)) and every neuron outputs lambda SN(x) + (1 - lambda) x, every
+softmax-free attention core lambda variant + (1 - lambda) softmax attention (models.attention); the
+network is the ANN at lambda = 0 and the pure SNN from lambda = 1 on (and after fine-tuning).
 
 The events term counts |k| (|k(t) - k(t-1)| under differential coding) with the spikes' surrogate gradients,
 so the penalty trades accuracy against the firing rate explicitly.
@@ -28,7 +34,7 @@ import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -43,17 +49,18 @@ from convert.checkpoint import load_training_state, save
 from convert.config import show_progress
 from convert.network import SpikingModel, check_images, check_timesteps
 from models.distributed import is_main, rank, world_size
+from models.attention import SpikingSDPA
 from models.neurons import BaseNeuron, Surrogate
 from models.state import reset_net, set_step_mode
 
 FINETUNE_DEFAULTS: Dict[str, Any] = dict(
     lr=1e-3, threshold_lr=None, weight_decay=0.01, warmup=0.05, batch_size=64, timesteps=None, images=None,
     surrogate="ste", alpha=4.0, thresholds=True, weights=True, distill=0.0, temperature=1.0, event_penalty=0.0,
-    grad_checkpoint=False, checkpoint_every=0, checkpoint_path=None, resume=None, max_steps=None, seed=0,
+    blend=0.0, feature_distill=0.0, grad_checkpoint=False, checkpoint_every=0, checkpoint_path=None, resume=None, max_steps=None, seed=0,
     progress=True)
 # options that change the trained result: a resumed run must use the same ones
 RESULT_OPTIONS = ("lr", "threshold_lr", "weight_decay", "warmup", "batch_size", "timesteps", "images", "surrogate",
-                  "alpha", "thresholds", "weights", "distill", "temperature", "event_penalty", "seed")
+                  "alpha", "thresholds", "weights", "distill", "temperature", "event_penalty", "blend", "feature_distill", "seed")
 
 
 def check_finetune_options(epochs: Any, options: Dict[str, Any]) -> Dict[str, Any]:
@@ -126,6 +133,61 @@ class EventMeter:
             h.remove()
 
 
+class Blend:
+    """The ANN-to-SNN fade-in: neurons output lambda SN(x) + (1 - lambda) x (forward hooks), softmax-free
+    attention cores mix in the softmax attention with weight 1 - lambda (their ``blend``)."""
+
+    def __init__(self, net: nn.Module, neurons) -> None:
+        self.value = 1.0
+        self.cores = [m for m in net.modules() if isinstance(m, SpikingSDPA) and hasattr(m, "blend")]
+        self.handles = [n.register_forward_hook(self._hook) for n in neurons]
+
+    def set(self, value: float) -> None:
+        self.value = value
+        for core in self.cores:
+            core.blend = value
+
+    def _hook(self, module, inputs, output):
+        if module.analog or self.value >= 1:
+            return None
+        return self.value * output + (1 - self.value) * inputs[0]
+
+    def remove(self) -> None:
+        self.set(1.0)
+        for h in self.handles:
+            h.remove()
+
+
+class BlockOutputs:
+    """Forward hooks that keep the output of every transformer block (``_blocks``) of the last call."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.outputs: List[torch.Tensor] = []
+        self.handles = [b.register_forward_hook(self._hook) for b in _blocks(net)]
+
+    def _hook(self, module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            self.outputs.append(output)
+
+    def take(self) -> List[torch.Tensor]:
+        out, self.outputs = self.outputs, []
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def feature_loss(student: List[torch.Tensor], teacher: List[torch.Tensor]) -> torch.Tensor:
+    """Mean over blocks of |mean_t h(t) - h_ann|^2 / |h_ann|^2; student outputs are folded [T * batch, ...]."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"finetune.feature_distill: the SNN's blocks gave {len(student)} outputs and the ANN's "
+                         f"{len(teacher)}; this model has no transformer blocks to match, set feature_distill=0")
+    terms = [((s.reshape(-1, *t.shape).mean(0) - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-12)
+             for s, t in zip(student, teacher)]
+    return torch.stack(terms).mean()
+
+
 def _blocks(net: nn.Module):
     """The transformer blocks of any family: the members of every ``blocks`` sequence in the module tree."""
     return [block for name, seq in net.named_modules() if name.rpartition(".")[2] == "blocks"
@@ -162,7 +224,7 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
     device = next(snn.net.parameters()).device
     batches = _Batches(train_data, o, need_labels=o["distill"] < 1)
     total = epochs * len(batches)
-    teacher = _teacher(snn) if o["distill"] > 0 else None
+    teacher = _teacher(snn) if o["distill"] > 0 or o["feature_distill"] > 0 else None
 
     resume_meta, resume_tensors = {"epoch": 0, "batch": 0, "step": 0, "history": []}, {}
     if o["resume"]:
@@ -201,6 +263,8 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
                                             find_unused_parameters=True)
     surrogate = Surrogate(o["surrogate"], o["alpha"])
     meter = EventMeter(neurons) if o["event_penalty"] > 0 else None
+    blend = Blend(snn.net, neurons) if o["blend"] > 0 else None
+    taps = (BlockOutputs(snn.net), BlockOutputs(teacher)) if o["feature_distill"] > 0 else None
     step, history = resume_meta["step"], list(resume_meta["history"])
     elapsed = resume_meta.get("seconds", 0.0)
     start = time.time()
@@ -215,8 +279,10 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
             bar = tqdm(batches.epoch(epoch, skip), total=len(batches), initial=skip, disable=not show_progress(o["progress"]),
                        desc=f"fine-tuning T={T} epoch {epoch + 1}/{epochs}", unit="batch", leave=False)
             for b, (images, labels) in enumerate(bar, start=skip):
+                if blend is not None:
+                    blend.set(min(1.0, step / (o["blend"] * total)))
                 loss, correct = _train_step(snn, objective, optimizer, thresholds, teacher, images, labels, device,
-                                            o, _schedule(step, total, o["warmup"]), meter)
+                                            o, _schedule(step, total, o["warmup"]), meter, taps)
                 step += 1
                 stats["loss"] += loss * len(images)
                 stats["images"] += len(images)
@@ -233,8 +299,9 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
             if step == o["max_steps"]:
                 break
     finally:
-        if meter is not None:
-            meter.remove()
+        for hooks in (meter, blend) + (taps or ()):
+            if hooks is not None:
+                hooks.remove()
         for n in neurons:
             n.surrogate = None
         for p, flag in flags.items():
@@ -247,7 +314,7 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
 
 
 def _train_step(snn, objective, optimizer, thresholds, teacher, images, labels, device, o,
-                factor: float, meter: Optional[EventMeter] = None) -> Tuple[float, int]:
+                factor: float, meter: Optional[EventMeter] = None, taps=None) -> Tuple[float, int]:
     """One optimiser step; returns the batch loss and the number of correct predictions."""
     check_images(snn.inputs, images)
     images = images.to(device, non_blocking=True)
@@ -258,7 +325,7 @@ def _train_step(snn, objective, optimizer, thresholds, teacher, images, labels, 
     if meter is not None:
         meter.clear()
     logits = objective(images)
-    loss = _loss(logits, labels, teacher, images, o)
+    loss = _loss(logits, labels, teacher, images, o, taps)
     if meter is not None:
         loss = loss + o["event_penalty"] * meter.rate()
     if not torch.isfinite(loss):
@@ -285,16 +352,21 @@ def _schedule(step: int, total: int, warmup: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - w) / max(1, total - w)))
 
 
-def _loss(logits, labels, teacher, images, o) -> torch.Tensor:
+def _loss(logits, labels, teacher, images, o, taps=None) -> torch.Tensor:
     loss = logits.new_zeros(())
     if o["distill"] < 1:
         loss = loss + (1 - o["distill"]) * F.cross_entropy(logits, labels)
+    if teacher is None:
+        return loss
+    student_features = taps[0].take() if taps else None
+    with torch.no_grad(), analog_mode(teacher):
+        ann = teacher(images)
     if o["distill"] > 0:
         tau = o["temperature"]
-        with torch.no_grad(), analog_mode(teacher):
-            target = F.softmax(teacher(images) / tau, -1)
-        loss = loss + o["distill"] * tau * tau * F.kl_div(F.log_softmax(logits / tau, -1), target,
+        loss = loss + o["distill"] * tau * tau * F.kl_div(F.log_softmax(logits / tau, -1), F.softmax(ann / tau, -1),
                                                           reduction="batchmean")
+    if taps:
+        loss = loss + o["feature_distill"] * feature_loss(student_features, taps[1].take())
     return loss
 
 

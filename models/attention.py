@@ -17,7 +17,12 @@ The variants differ in ``attend``:
 The additive mask (relative position biases, Swin's shifted-window mask, ALiBi-style terms) is
 a constant or a linear function of the streams, added at every step before the softmax. ssa and
 a2os2a compute their products step by step (as the papers do), so their mean output is not the
-ANN's: they need fine-tuning over T, and they take no mask.
+ANN's: they need fine-tuning over T, and they take no mask. In analog mode (calibration, the
+reference, the distillation teacher) they compute the ANN's attention softmax(scale q k^T) v, so
+their thresholds fit the ANN's activations and the teacher is the ANN; ``blend`` in (0, 1) mixes the
+two during fine-tuning (convert.finetune's ``blend`` schedule):
+
+    out = blend * variant(q, k, v) + (1 - blend) * ECM form of softmax(scale q k^T) v
 """
 from __future__ import annotations
 
@@ -109,6 +114,10 @@ class SpikingSDPA(nn.Module):
         else:
             self.q_neuron, self.k_act, self.v_neuron = IFNeuron(1), nn.ReLU(), TernaryNeuron()
             self.qk, self.av = StepProduct(), StepProduct()
+        if variant in ("ssa", "a2os2a"):  # the ANN's attention, in expectation: analog mode and the blend
+            self.soft_qk, self.soft_av = SpikeProduct(), SpikeProduct()
+            self.soft_softmax = ExpectationCompensation(nn.Softmax(dim=-1))
+            self.blend = 1.0  # weight of the variant's output; the rest is the ANN's attention
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
@@ -120,11 +129,16 @@ class SpikingSDPA(nn.Module):
             if attn_mask is not None or is_causal:
                 raise ValueError(f"attention={self.variant} has no softmax to take an attention mask (relative "
                                  f"position bias, shifted windows or causal mask): use attention=ecm or psa")
-            if self.variant == "ssa":
-                q, k, v = self.q_neuron(q), self.k_neuron(k), self.v_neuron(v)
-                return self.av(self.qk(q, k.transpose(-2, -1)), v) * SPIKFORMER_SCALE
-            q, k, v = self.q_neuron(q), self.k_act(k), self.v_neuron(v)
-            return self.av(self.qk(q, k.transpose(-2, -1)), v)
+            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+            if self.q_neuron.analog:  # the neurons are the identity here; calibration records their inputs
+                q, v = self.q_neuron(q), self.v_neuron(v)
+                return self.softmax_attention(q, self.k_neuron(k) if self.variant == "ssa" else k, v, scale)
+            if self.blend <= 0:
+                return self.softmax_attention(q, k, v, scale)
+            out = self.softmax_free_attention(q, k, v)
+            if self.blend >= 1:
+                return out
+            return self.blend * out + (1 - self.blend) * self.softmax_attention(q, k, v, scale)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         q = self.q_mask(self.q_neuron(q))
         k = self.k_mask(self.k_neuron(k))
@@ -138,6 +152,18 @@ class SpikingSDPA(nn.Module):
         attn = self.attn_mask(self.attn_neuron(self.softmax(attn)))
         out = self.av(attn, v)
         return out * self.mask_gain if self.mask_gain != 1.0 else out
+
+    def softmax_free_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """ssa: 0.125 Q K^T V with binary Q, K, V; a2os2a: Q ReLU(k)^T V with binary Q, ternary V; every step."""
+        if self.variant == "ssa":
+            q, k, v = self.q_neuron(q), self.k_neuron(k), self.v_neuron(v)
+            return self.av(self.qk(q, k.transpose(-2, -1)), v) * SPIKFORMER_SCALE
+        q, k, v = self.q_neuron(q), self.k_act(k), self.v_neuron(v)
+        return self.av(self.qk(q, k.transpose(-2, -1)), v)
+
+    def softmax_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """softmax(scale q k^T) v of the streams themselves, in expectation (exact in analog mode)."""
+        return self.soft_av(self.soft_softmax(self.soft_qk(q, k.transpose(-2, -1)) * scale), v)
 
     def products(self) -> List[Tuple[nn.Module, Optional[BaseNeuron], Optional[BaseNeuron], bool]]:
         """(product, neuron of A or None, neuron of B or None, B transposed) for operation counting."""

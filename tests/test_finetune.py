@@ -245,10 +245,11 @@ class FailingDataset(Dataset):
 
 
 @pytest.mark.parametrize("kind", ["dataset", "batches"])
-@pytest.mark.parametrize("distill", [0.0, 0.5])
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, kind, distill):
+@pytest.mark.parametrize("options", [{}, dict(distill=0.5), dict(blend=0.5, feature_distill=1.0)],
+                         ids=lambda o: "-".join(map(str, o)))
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, kind, options):
     data = _data(40)
-    common = dict(epochs=3, batch_size=8, lr=1e-3, distill=distill, progress=False)
+    common = dict(epochs=3, batch_size=8, lr=1e-3, progress=False, **options)
     full = _snn()
     finetune(full, FailingDataset(data) if kind == "dataset" else Batches(data, 8), **common)
 

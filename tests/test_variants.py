@@ -7,11 +7,15 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from convert import convert, energy_report, finetune, load, save
-from convert.finetune import TimeAveraged
+import importlib
+from calibration import analog_mode
+from convert.finetune import BlockOutputs, Blend, TimeAveraged
+from models.neurons import BaseNeuron
 from models.attention import SpikingSDPA
 from models.state import run_steps
 from tests.conftest import build
 
+ft = importlib.import_module("convert.finetune")  # the module (``convert.finetune`` is also the function)
 VARIANT_CONFIGS = ["cls_token", "avg_pool_no_cls", "qk_norm", "register_tokens", "layer_scale", "distilled"]
 VARIANTS = [dict(attention="ssa"), dict(attention="a2os2a"), dict(attention="psa", mask_p=0.5),
             dict(residual="spike_driven"), dict(attention="ssa", residual="spike_driven")]
@@ -41,10 +45,7 @@ def _levels(values, neuron):
     return values / neuron.theta(values)
 
 
-@pytest.mark.parametrize("step_mode", ["s", "m"])
-@pytest.mark.parametrize("config", VARIANT_CONFIGS)
-def test_ssa_spikes_are_binary_at_every_step(config, step_mode):
-    snn = convert(build(config), _images(), timesteps=4, attention="ssa", step_mode=step_mode, progress=False)
+def assert_ssa_spikes_binary(snn):
     cores = _cores(snn.net)
     neurons = [(f"{i}{r}", getattr(a, f"{r}_neuron")) for i, (a, _) in enumerate(cores) for r in "qkv"]
     neurons += [(f"{i}out", attn.proj.neuron) for i, (_, attn) in enumerate(cores)]
@@ -60,8 +61,12 @@ def test_ssa_spikes_are_binary_at_every_step(config, step_mode):
 
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 @pytest.mark.parametrize("config", VARIANT_CONFIGS)
-def test_a2os2a_value_sets_at_every_step(config, step_mode):
-    snn = convert(build(config), _images(), timesteps=4, attention="a2os2a", step_mode=step_mode, progress=False)
+def test_ssa_spikes_are_binary_at_every_step(config, step_mode):
+    assert_ssa_spikes_binary(convert(build(config), _images(), timesteps=4, attention="ssa", step_mode=step_mode,
+                                     progress=False))
+
+
+def assert_a2os2a_value_sets(snn):
     attns = [a for a, _ in _cores(snn.net)]
     mods = [(f"{i}q", a.q_neuron) for i, a in enumerate(attns)] + [(f"{i}k", a.k_act) for i, a in enumerate(attns)] \
         + [(f"{i}v", a.v_neuron) for i, a in enumerate(attns)]
@@ -77,6 +82,13 @@ def test_a2os2a_value_sets_at_every_step(config, step_mode):
         assert set(torch.round(v).unique().tolist()) <= {-1.0, 0.0, 1.0} and (v != 0).any()
         torch.testing.assert_close(v, torch.round(v))
         assert (k >= 0).all() and (k > 0).any() and not torch.equal(k, torch.round(k))  # real-valued, not spikes
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("config", VARIANT_CONFIGS)
+def test_a2os2a_value_sets_at_every_step(config, step_mode):
+    assert_a2os2a_value_sets(convert(build(config), _images(), timesteps=4, attention="a2os2a", step_mode=step_mode,
+                                     progress=False))
 
 
 class CountSoftmax(TorchFunctionMode):
@@ -162,10 +174,7 @@ def test_psa_masks_repeat_exactly_and_differ_between_steps():
     assert masks[0].any() and not torch.equal(masks[0], masks[1])
 
 
-@pytest.mark.parametrize("step_mode", ["s", "m"])
-@pytest.mark.parametrize("config", VARIANT_CONFIGS)
-def test_spike_driven_every_linear_input_is_binary(config, step_mode):
-    snn = convert(build(config), _images(), timesteps=4, residual="spike_driven", step_mode=step_mode, progress=False)
+def assert_spike_driven_inputs_binary(snn):
     first = snn.net.patch_embed.proj
     linears = [(n, m) for n, m in snn.net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m is not first]
     synapses = {m.layer: m.neuron for m in snn.net.modules() if hasattr(m, "layer") and hasattr(m, "neuron")}
@@ -179,6 +188,13 @@ def test_spike_driven_every_linear_input_is_binary(config, step_mode):
         k = torch.cat([(x / neuron.theta(x)).flatten() for x in inputs[name]])
         assert set(torch.round(k).unique().tolist()) <= {0.0, 1.0}, name
         torch.testing.assert_close(k, torch.round(k))
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize("config", VARIANT_CONFIGS)
+def test_spike_driven_every_linear_input_is_binary(config, step_mode):
+    assert_spike_driven_inputs_binary(convert(build(config), _images(), timesteps=4, residual="spike_driven",
+                                              step_mode=step_mode, progress=False))
 
 
 @pytest.mark.parametrize("options", VARIANTS, ids=ids)
@@ -225,6 +241,75 @@ def test_finetuning_lowers_the_loss_of_every_variant(options):
     before = loss()
     finetune(snn, (x, y), epochs=25, batch_size=32, lr=1e-3, warmup=0.0, progress=False)
     assert loss() < 0.9 * before
+
+
+# ---- from a softmax ViT to the softmax-free variants: blend schedule, feature distillation -------------------
+
+SOFTMAX_FREE = [dict(attention="ssa"), dict(attention="a2os2a"), dict(residual="spike_driven")]
+VALUE_SETS = {"ssa": assert_ssa_spikes_binary, "a2os2a": assert_a2os2a_value_sets,
+              "spike_driven": assert_spike_driven_inputs_binary}
+
+
+@pytest.mark.parametrize("options", SOFTMAX_FREE + [{}], ids=ids)
+@pytest.mark.parametrize("config", ["cls_token", "avg_pool_no_cls", "qk_norm"])
+def test_blend_at_zero_is_the_ann(options, config):
+    """lambda = 0: every neuron passes its input and every softmax-free core computes the softmax attention, so
+    each step of the spiking network outputs the ANN's logits; lambda = 1 is the variant itself."""
+    x = _images(4)
+    ann = build(config)
+    snn = convert(ann, x, timesteps=3, progress=False, **options)
+    blend = Blend(snn.net, [m for m in snn.net.modules() if isinstance(m, BaseNeuron)])
+    with torch.no_grad():
+        blend.set(0.0)
+        steps = run_steps(snn.net, x, 3, "m")
+        blend.remove()
+        torch.testing.assert_close(steps, ann(x).expand_as(steps), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(snn.simulate(x), ann(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("options", SOFTMAX_FREE, ids=ids)
+def test_blended_finetuning_ends_in_the_pure_variant(options, tmp_path):
+    """The softmax attention fades out during fine-tuning (softmax calls while lambda < 1) and none is left
+    after it; the variant's value sets hold; the fine-tuned network saves and reloads bitwise."""
+    x, y = _images(32, seed=4), torch.randint(0, 7, (32,))
+    snn = convert(build("cls_token"), x, timesteps=2, progress=False, **options)
+    with CountSoftmax() as during:
+        finetune(snn, (x, y), epochs=4, batch_size=16, blend=0.75, progress=False)  # labels only: no ANN teacher
+    with CountSoftmax() as after:
+        out = snn.simulate(x)
+    variant = options.get("attention", options.get("residual"))
+    assert (after.calls == 0) == (variant != "spike_driven") and during.calls > 0
+    VALUE_SETS[variant](snn)
+    back = load(save(snn, tmp_path / "ft.safetensors"))
+    assert torch.equal(back.simulate(x), out)
+
+
+@pytest.mark.parametrize("options", [{}, dict(attention="ssa")], ids=ids)
+@pytest.mark.parametrize("config", ["cls_token", "avg_pool_no_cls"])
+def test_feature_distillation_brings_the_blocks_toward_the_ann(options, config):
+    """Training with the block-output term lowers it, and more than the same training without it (random-weight
+    ViTs, distillation of the logits in both)."""
+    x = _images(32, seed=5)
+
+    def distance(snn, teacher):
+        taps = BlockOutputs(snn.net), BlockOutputs(teacher)
+        with torch.no_grad():
+            TimeAveraged(snn.net, 2)(x)
+            with analog_mode(teacher):
+                teacher(x)
+        for t in taps:
+            t.remove()
+        return float(ft.feature_loss(taps[0].take(), taps[1].take()))
+
+    after = {}
+    for weight in (0.0, 100.0):
+        snn = convert(build(config), x, timesteps=2, progress=False, **options)
+        teacher = ft._teacher(snn)  # the ANN
+        before = distance(snn, teacher)
+        finetune(snn, x, epochs=15, batch_size=32, distill=1.0, feature_distill=weight, lr=1e-3, warmup=0.0,
+                 progress=False)
+        after[weight] = distance(snn, teacher)
+    assert after[100.0] < 0.9 * min(before, after[0.0]), (before, after)
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
