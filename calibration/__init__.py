@@ -7,7 +7,7 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import nn
 
-from calibration.corrections import bias_correction, firing_rates
+from calibration.corrections import bias_correction, firing_rates, output_affine
 from calibration.statistics import RunningHistogram, analog_mode, collect_statistics, iter_images
 from calibration.thresholds import METHODS, choose_thresholds, expected_error
 from models.distributed import shard, world_size
@@ -68,6 +68,7 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "mse", percentile: f
                                                           module.signed).mean())
                                      for h, p in zip(hists[name], parts)], hists[name]),
         }
+    report.update(output_affine(net, mine, timesteps, progress))  # ssa / a2os2a: onto the softmax attention's scale
     if correction == "bias":
         for name, shift in bias_correction(net, mine, timesteps, step_mode, progress).items():
             report[f"{name}.neuron"]["bias_shift"] = shift

@@ -8,6 +8,14 @@ output channel over the calibration images and tokens,
 
 so each layer's SNN mean output matches the ANN's at the target T; later layers
 are measured after earlier ones are corrected.
+
+Output maps of softmax-free attention (ssa, a2os2a), core by core in network order: with a the
+ANN's attention output softmax(scale q k^T) v and b the variant's mean output over T steps on the
+same image, per channel (head, feature) over images and tokens, the least-squares fit
+
+    gain = cov(a, b) / var(b),   shift = mean(a) - gain mean(b)       (gain = 0 where b is constant)
+
+so the variant's output lands on the scale the next layer was trained for.
 """
 from __future__ import annotations
 
@@ -18,10 +26,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibration.statistics import analog_mode
+from models.attention import ChannelAffine
 from models.distributed import all_reduce
 from models.neurons import BaseNeuron
 from models.state import run_steps
 from models.synapse import SpikingSynapse
+
+
+def _channel_rows(y: torch.Tensor) -> torch.Tensor:
+    """Attention outputs [..., heads, tokens, head_dim] as float64 rows of heads x head_dim channels."""
+    return y.transpose(-3, -2).reshape(-1, y.shape[-3] * y.shape[-1]).double()
 
 
 def _channel_sum(y: torch.Tensor):
@@ -80,6 +94,51 @@ def bias_correction(net: nn.Module, batches: List[torch.Tensor], timesteps: int,
         syn.bias_shift = delta if syn.bias_shift is None else syn.bias_shift + delta
         shifts[name] = float(delta.abs().mean())
     return shifts
+
+
+def output_affine(net: nn.Module, batches: List[torch.Tensor], timesteps: int,
+                  progress: bool = True) -> Dict[str, Dict[str, float]]:
+    """Fit every softmax-free attention core's per-channel output map (``ChannelAffine``) to the ANN's attention.
+
+    Returns per core the mean gain and the share of the ANN output's variance the fit explains."""
+    names = {m: n for n, m in net.named_modules()}
+    affines = [m for m in net.modules() if isinstance(m, ChannelAffine)]
+    report = {}
+    for affine in tqdm(affines, desc="attention output maps", disable=not progress, leave=False):
+        core = net.get_submodule(names[affine].rpartition(".")[0])
+        seen: Dict[str, torch.Tensor] = {}
+        handles = [core.register_forward_hook(lambda m, i, o: seen.__setitem__("ann", o)),
+                   affine.register_forward_hook(lambda m, i, o: seen.__setitem__("snn", i[0]))]
+        sums = None
+        try:
+            with torch.no_grad():
+                for x in batches:
+                    with analog_mode(net):
+                        net(x)
+                    a = seen.pop("ann")
+                    run_steps(net, x, timesteps, "m")
+                    b = seen.pop("snn")
+                    b = b.reshape(timesteps, *a.shape).mean(0)
+                    dim = a.shape[-1]
+                    a, b = (_channel_rows(t) for t in (a, b))
+                    batch = torch.stack([a.sum(0), b.sum(0), (a * b).sum(0), (b * b).sum(0), (a * a).sum(0),
+                                         torch.full_like(a[0], a.shape[0])])
+                    sums = batch if sums is None else sums + batch
+        finally:
+            for h in handles:
+                h.remove()
+        sa, sb, sab, sbb, saa, n = all_reduce(sums)
+        mean_a, mean_b = sa / n, sb / n
+        cov, var_b, var_a = sab / n - mean_a * mean_b, sbb / n - mean_b ** 2, saa / n - mean_a ** 2
+        gain = torch.where(var_b > 1e-12 * var_b.max().clamp_min(1e-30), cov / var_b.clamp_min(1e-30),
+                           torch.zeros_like(cov))
+        shift = mean_a - gain * mean_b
+        like = core.q_neuron.threshold
+        affine.out_gain = nn.Parameter(gain.reshape(-1, 1, dim).to(like))
+        affine.out_shift = nn.Parameter(shift.reshape(-1, 1, dim).to(like))
+        explained = 1 - (var_a - cov * gain).sum() / var_a.sum().clamp_min(1e-30)
+        report[names[affine]] = {"mean_gain": float(gain.mean()), "explained_variance": float(explained)}
+    return report
 
 
 def firing_rates(net: nn.Module, batches: List[torch.Tensor], timesteps: int, step_mode: str = "s") -> Dict[str, float]:

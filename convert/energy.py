@@ -11,8 +11,9 @@ Per image, summed over T steps:
   so graded codes cannot hide their cost; values of +-1 stay accumulations.
 - a layer fed analog values (the first layer, fed the image): dense MACs every step;
   under differential coding only at steps whose input changed (the image arrives once).
-- expectation-compensated non-linearities (LayerNorm, GELU, softmax, ...): one
-  MAC per element per step (a lower bound; they stay analog).
+- expectation-compensated non-linearities (LayerNorm, GELU, softmax, ...) and the calibrated
+  per-channel scale of ssa / a2os2a outputs: one MAC per element per step (a lower bound; they
+  stay analog).
 - spike products (Q K^T, A V, SwiGLU gates) in expectation: the spike-driven increments
   a(t) S_B(t-1) + S_A(t-1) b(t) + a(t) b(t) are accumulations, events_a x columns(B) +
   events_b x rows(A) SOPs, with the events of the levels a(t), b(t) whatever the coding
@@ -34,6 +35,7 @@ from torch import nn
 
 from calibration.statistics import analog_mode, iter_images
 from convert.network import SpikingModel, check_images, check_timesteps
+from models.attention import ChannelAffine
 from models.ecm import ExpectationCompensation, SpikeProduct
 from models.neurons import BaseNeuron
 from models.state import run_steps
@@ -89,7 +91,7 @@ class _Counter:
                 self._hook(m, self._synapse(names[m], m), with_kwargs=True)
             elif isinstance(m, LAYERS) and id(m) not in in_synapse:
                 self._hook(m, self._analog_layer(names[m]))
-            elif isinstance(m, ExpectationCompensation):
+            elif isinstance(m, (ExpectationCompensation, ChannelAffine)):
                 self._hook(m, self._nonlinear(names[m]))
             if isinstance(m, BaseNeuron):
                 self._hook(m, self._neuron(names[m], m))

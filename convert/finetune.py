@@ -20,7 +20,8 @@ Spike functions get surrogate gradients (models.neurons.Surrogate), thresholds a
 
     f(s) = s / w for s < w,  else 0.5 (1 + cos(pi (s - w) / (S - w)))     (S steps, w warm-up steps)
 
-The teacher ``ann`` is the network as converted, in analog mode (exactly the ANN).
+The teacher ``ann`` is the network as converted, in analog mode with every neuron the identity: exactly
+the ANN, also where a variant replaced its softmax attention or made every Linear input binary.
 Data order is a permutation seeded by (seed, epoch), so a run resumed from a checkpoint
 written at step s takes the same batches, learning rates and optimiser state as an
 uninterrupted one and ends with the same weights. Under torchrun the objective is
@@ -371,9 +372,14 @@ def _loss(logits, labels, teacher, images, o, taps=None) -> torch.Tensor:
 
 
 def _teacher(snn: SpikingModel) -> nn.Module:
+    """A frozen copy of the network that computes the ANN in analog mode: its neurons pass negative inputs too
+    (an unsigned neuron's analog form is a ReLU, right for calibrating it but not the ANN: spike_driven, if)."""
     teacher = copy.deepcopy(snn.net).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    for n in teacher.modules():
+        if isinstance(n, BaseNeuron):
+            n.signed = True
     return teacher
 
 

@@ -41,6 +41,22 @@ SPIKFORMER_SCALE = 0.125
 VARIANTS = ("ecm", "psa", "ssa", "a2os2a")
 
 
+class ChannelAffine(nn.Module):
+    """x * gain + shift per channel (``gain``, ``shift``: [heads, 1, head_dim]; the identity until calibration
+    fits them): maps a softmax-free attention's output onto the scale of the softmax attention it replaces.
+    Linear, so the same at every step; one MAC per element per step in the energy count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out_gain: Optional[nn.Parameter]
+        self.out_shift: Optional[nn.Parameter]
+        self.register_parameter("out_gain", None)
+        self.register_parameter("out_shift", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.out_gain is None else x * self.out_gain + self.out_shift
+
+
 class BernoulliMask(StatefulModule):
     """x * Bernoulli(1 - p), no rescaling; masks drawn step by step from a generator seeded at ``reset``,
     so step and multi-step mode draw the same masks and every simulation repeats exactly."""
@@ -118,6 +134,7 @@ class SpikingSDPA(nn.Module):
             self.soft_qk, self.soft_av = SpikeProduct(), SpikeProduct()
             self.soft_softmax = ExpectationCompensation(nn.Softmax(dim=-1))
             self.blend = 1.0  # weight of the variant's output; the rest is the ANN's attention
+            self.affine = ChannelAffine()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
@@ -130,9 +147,9 @@ class SpikingSDPA(nn.Module):
                 raise ValueError(f"attention={self.variant} has no softmax to take an attention mask (relative "
                                  f"position bias, shifted windows or causal mask): use attention=ecm or psa")
             scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-            if self.q_neuron.analog:  # the neurons are the identity here; calibration records their inputs
-                q, v = self.q_neuron(q), self.v_neuron(v)
-                return self.softmax_attention(q, self.k_neuron(k) if self.variant == "ssa" else k, v, scale)
+            if self.q_neuron.analog:  # the ANN; the neurons run only so that calibration sees their inputs
+                self.q_neuron(q), self.v_neuron(v), self.k_neuron(k) if self.variant == "ssa" else None
+                return self.softmax_attention(q, k, v, scale)
             if self.blend <= 0:
                 return self.softmax_attention(q, k, v, scale)
             out = self.softmax_free_attention(q, k, v)
@@ -154,12 +171,13 @@ class SpikingSDPA(nn.Module):
         return out * self.mask_gain if self.mask_gain != 1.0 else out
 
     def softmax_free_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """ssa: 0.125 Q K^T V with binary Q, K, V; a2os2a: Q ReLU(k)^T V with binary Q, ternary V; every step."""
+        """ssa: 0.125 Q K^T V with binary Q, K, V; a2os2a: Q ReLU(k)^T V with binary Q, ternary V; every step;
+        then the calibrated per-channel affine map."""
         if self.variant == "ssa":
             q, k, v = self.q_neuron(q), self.k_neuron(k), self.v_neuron(v)
-            return self.av(self.qk(q, k.transpose(-2, -1)), v) * SPIKFORMER_SCALE
+            return self.affine(self.av(self.qk(q, k.transpose(-2, -1)), v) * SPIKFORMER_SCALE)
         q, k, v = self.q_neuron(q), self.k_act(k), self.v_neuron(v)
-        return self.av(self.qk(q, k.transpose(-2, -1)), v)
+        return self.affine(self.av(self.qk(q, k.transpose(-2, -1)), v))
 
     def softmax_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """softmax(scale q k^T) v of the streams themselves, in expectation (exact in analog mode)."""
@@ -169,10 +187,11 @@ class SpikingSDPA(nn.Module):
         """(product, neuron of A or None, neuron of B or None, B transposed) for operation counting."""
         def spiking(n):
             return n if isinstance(n, BaseNeuron) else None
+        soft = [(self.soft_qk, None, None, True), (self.soft_av, None, None, False)]  # analog mode, blend
         if self.variant == "a2os2a":
-            return [(self.qk, self.q_neuron, None, True), (self.av, None, self.v_neuron, False)]
+            return [(self.qk, self.q_neuron, None, True), (self.av, None, self.v_neuron, False)] + soft
         if self.variant == "ssa":
-            return [(self.qk, self.q_neuron, self.k_neuron, True), (self.av, None, self.v_neuron, False)]
+            return [(self.qk, self.q_neuron, self.k_neuron, True), (self.av, None, self.v_neuron, False)] + soft
         return [(self.qk, spiking(self.q_neuron), spiking(self.k_neuron), True),
                 (self.av, self.attn_neuron, spiking(self.v_neuron), False)]
 

@@ -250,6 +250,18 @@ VALUE_SETS = {"ssa": assert_ssa_spikes_binary, "a2os2a": assert_a2os2a_value_set
               "spike_driven": assert_spike_driven_inputs_binary}
 
 
+@pytest.mark.parametrize("options", VARIANTS, ids=ids)
+@pytest.mark.parametrize("config", ["cls_token", "avg_pool_no_cls"])
+def test_analog_mode_is_the_ann(options, config):
+    """Calibration, the reference and the distillation teacher see the ANN, whatever the variant replaces."""
+    x = _images(4)
+    ann = build(config)
+    snn = convert(ann, x, timesteps=2, progress=False, **options)
+    teacher = ft._teacher(snn)
+    with torch.no_grad(), analog_mode(teacher):
+        torch.testing.assert_close(teacher(x), ann(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("options", SOFTMAX_FREE + [{}], ids=ids)
 @pytest.mark.parametrize("config", ["cls_token", "avg_pool_no_cls", "qk_norm"])
 def test_blend_at_zero_is_the_ann(options, config):

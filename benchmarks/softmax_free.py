@@ -1,0 +1,165 @@
+"""From a pretrained softmax ViT to the softmax-free variants: accuracy vs fine-tuning epochs at T=4.
+Writes its section of BENCHMARKS.md.
+
+    python -m benchmarks.softmax_free [--epochs 3] [--ablation-steps 150] [--variants ssa a2os2a spike_driven]
+    python -m benchmarks.softmax_free --quick     # minutes: ssa, a few steps, 300 test images
+
+Each variant is converted from vit_fmnist at T=4 (signed IF L=1 elsewhere; calibration fits the
+softmax-free attention's output map, calibration.corrections.output_affine) and fine-tuned with
+conf/finetune/bptt.yaml's settings.
+- Ablation: each ingredient (labels, distillation, block-output distillation, the ANN-to-SNN blend)
+  for ``--ablation-steps`` steps of batch 64, top-1 on ``--ablation-images`` test images.
+- Epochs: one run of ``--epochs`` epochs of the training split with ``RECIPE``; top-1 at step 4 on the
+  test split, energy per image (standard / strict, vs the ANN) and the analog share after 0, 0.25, 0.5,
+  1, 2 and 3 epochs (the run stops there and resumes from its checkpoint: the same weights as one run).
+A part run with 0 (``--epochs 0`` or ``--ablation-steps 0``) keeps the saved results of that part.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from torch.utils.data import DataLoader, Subset
+
+from benchmarks.core import accuracy_and_energy, calibration_images, machine_info
+from benchmarks.outputs import benchmark_main
+from convert import convert, finetune
+from models.data import fashion_mnist
+from models.zoo import create_ann
+
+BEGIN, END = "<!-- softmax_free:begin -->", "<!-- softmax_free:end -->"
+T = 4
+MODEL = "vit_fmnist"
+VARIANTS = {"ssa": dict(attention="ssa"), "a2os2a": dict(attention="a2os2a"),
+            "spike_driven": dict(residual="spike_driven"), "ecm (default)": {}}
+RECIPE: dict = {}  # on top of conf/finetune/bptt.yaml (labels, lr 1e-3): no ingredient won the ablation
+POINTS = (0.25, 0.5, 1, 2, 3)
+ABLATION = {"labels (defaults)": {}, "distill 0.5": dict(distill=0.5),
+            "distill 0.5 + block outputs 1": dict(distill=0.5, feature_distill=1.0),
+            "labels + blend 0.25": dict(blend=0.25), "labels, lr 3e-4": dict(lr=3e-4)}
+
+
+def ablation(variants, steps: int, eval_images: int) -> dict:
+    test_data = fashion_mnist("test")
+    train = fashion_mnist("train").dataset
+    loader = DataLoader(Subset(test_data.dataset, range(eval_images)), batch_size=250)
+    energy_x = test_data.dataset.tensors[0][:64]
+    calib = calibration_images()
+    ann = create_ann(MODEL)
+    images = train.tensors[0][:steps * 64], train.tensors[1][:steps * 64]
+    out = {"steps": steps, "images": eval_images, "variants": {}}
+    for name in variants:
+        rows = {}
+        for recipe, options in ABLATION.items():
+            snn = convert(ann, calib, timesteps=T, progress=False, **VARIANTS[name])
+            before = accuracy_and_energy(snn, loader, T, energy_x)
+            t0 = time.time()
+            finetune(snn, images, epochs=1, batch_size=64, progress=False, **options)
+            rows[recipe] = {"before": before, "after": accuracy_and_energy(snn, loader, T, energy_x),
+                            "seconds": time.time() - t0}
+            print(f"{name} {recipe}: {before['top1']:.2f} -> {rows[recipe]['after']['top1']:.2f}", flush=True)
+        out["variants"][name] = rows
+    return out
+
+
+def epochs_run(variants, epochs: int, eval_images: int, train_images=None, points=POINTS) -> dict:
+    test_data = fashion_mnist("test")
+    train = fashion_mnist("train").dataset
+    if train_images:
+        train = Subset(train, range(train_images))
+    loader = DataLoader(Subset(test_data.dataset, range(min(eval_images, len(test_data.dataset)))), batch_size=250)
+    energy_x = test_data.dataset.tensors[0][:64]
+    calib = calibration_images()
+    ann = create_ann(MODEL)
+    steps_per_epoch = len(train) // 64 + (len(train) % 64 > 0)
+    out = {"images": len(loader.dataset), "epochs": epochs, "recipe": RECIPE, "steps_per_epoch": steps_per_epoch,
+           "variants": {}}
+    for name in variants:
+        options = VARIANTS[name]
+        snn = convert(ann, calib, timesteps=T, progress=False, **options)
+        rows = {0: accuracy_and_energy(snn, loader, T, energy_x)}
+        rows[0]["seconds"] = 0.0
+        print(f"{name} 0 epochs: {rows[0]['top1']:.2f}", flush=True)
+        seconds = 0.0
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = Path(tmp) / "ft.safetensors"
+            for point in [p for p in points if p <= epochs]:
+                steps = max(1, round(point * steps_per_epoch))
+                resume = ckpt if ckpt.exists() else None
+                snn = convert(ann, calib, timesteps=T, progress=False, **options)  # the teacher is the ANN
+                t0 = time.time()
+                finetune(snn, train, epochs=epochs, batch_size=64, max_steps=steps, resume=resume,
+                         checkpoint_path=ckpt, progress=False, **RECIPE)
+                seconds += time.time() - t0
+                rows[point] = {**accuracy_and_energy(snn, loader, T, energy_x), "seconds": seconds}
+                print(f"{name} {point} epochs: {rows[point]['top1']:.2f} ({seconds:.0f} s)", flush=True)
+        out["variants"][name] = {"options": options, "ann_top1": rows[0]["ann_top1"],
+                                 "points": {str(k): v for k, v in rows.items()}}
+    return out
+
+
+def markdown(res: dict, command: str) -> str:
+    lines = [BEGIN, f"## Softmax-free variants from the pretrained {res['model']} at T={T}", "",
+             f"Measured with `{command}` on {res['date']}: {res['machine']}.", ""]
+    if res.get("ablation"):
+        a = res["ablation"]
+        lines += [f"### What each ingredient buys: {a['steps']} steps of batch 64, top-1 on {a['images']} test images",
+                  "", "| variant | recipe | training-free | fine-tuned | drop vs ANN | s |", "|---|---|---|---|---|---|"]
+        for name, rows in a["variants"].items():
+            for recipe, r in rows.items():
+                lines.append(f"| {name} | {recipe} | {r['before']['top1']:.2f} | {r['after']['top1']:.2f} | "
+                             f"{r['before']['ann_top1'] - r['after']['top1']:.2f} | {r['seconds']:.0f} |")
+        lines.append("")
+    if res.get("epochs"):
+        lines += _epochs_markdown(res["epochs"])
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def _epochs_markdown(res: dict) -> list:
+    recipe = ", ".join(f"{k}={v}" for k, v in res["recipe"].items()) or "nothing changed"
+    lines = ["### Accuracy vs fine-tuning epochs", "",
+             f"Top-1 at step {T} on {res['images']} test images; energy per image / the ANN's on 64 of them (standard "
+             f"/ strict); analog share of the SNN's energy. One fine-tuning run of {res['epochs']} epochs "
+             f"({res['steps_per_epoch']} steps of batch 64 per epoch, one cosine schedule over all of them; "
+             f"conf/finetune/bptt.yaml, {recipe}), measured on its way; s: its cumulative seconds.", ""]
+    for name, v in res["variants"].items():
+        lines += [f"### {name} (ANN {v['ann_top1']:.2f}%)", "",
+                  "| epochs | top-1 | drop vs ANN | energy | strict | analog share | s |", "|---|---|---|---|---|---|---|"]
+        for point, r in v["points"].items():
+            lines.append(f"| {point} | {r['top1']:.2f} | {v['ann_top1'] - r['top1']:.2f} | {r['energy']:.3f} | "
+                         f"{r['strict']:.3f} | {100 * r['analog_share']:.1f}% | {r['seconds']:.0f} |")
+        lines.append("")
+    return lines
+
+
+def _arguments(parser):
+    parser.add_argument("--variants", nargs="+", default=["ssa", "a2os2a", "spike_driven"], choices=list(VARIANTS))
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--eval-images", type=int, default=10000)
+    parser.add_argument("--ablation-steps", type=int, default=150)
+    parser.add_argument("--ablation-images", type=int, default=2000)
+
+
+def main() -> None:
+    def full(args):
+        saved = args.out / "softmax_free.json"
+        res = json.loads(saved.read_text()) if saved.exists() else {}
+        res.update({**machine_info(fashion_mnist("test").source), "model": MODEL})
+        if args.ablation_steps:
+            res["ablation"] = ablation(args.variants, args.ablation_steps, args.ablation_images)
+        if args.epochs:
+            res["epochs"] = epochs_run(args.variants, args.epochs, args.eval_images)
+        return res
+
+    def quick(args):
+        return {**machine_info(fashion_mnist("test").source), "model": MODEL,
+                "ablation": ablation(["ssa"], 3, 300),
+                "epochs": epochs_run(["ssa"], 1, 300, train_images=640, points=(0.5, 1))}
+    benchmark_main("softmax_free", __doc__, full, quick, markdown, _arguments)
+
+
+if __name__ == "__main__":
+    main()
