@@ -17,6 +17,7 @@ A part run with 0 (``--epochs 0`` or ``--ablation-steps 0``) keeps the saved res
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -102,11 +103,11 @@ def epochs_run(variants, epochs: int, eval_images: int, train_images=None, point
 
 def markdown(res: dict, command: str) -> str:
     lines = [BEGIN, f"## Softmax-free variants from the pretrained {res['model']} at T={T}", "",
-             f"Measured with `{command}` on {res['date']}: {res['machine']}.", ""]
+             f"Last run: `{command}` on {res['date']}: {res['machine']}.", ""]
     if res.get("ablation"):
         a = res["ablation"]
         lines += [f"### What each ingredient buys: {a['steps']} steps of batch 64, top-1 on {a['images']} test images",
-                  "", "| variant | recipe | training-free | fine-tuned | drop vs ANN | s |", "|---|---|---|---|---|---|"]
+                  "", f"Measured with `{a.get('command', command)}`.", "", "| variant | recipe | training-free | fine-tuned | drop vs ANN | s |", "|---|---|---|---|---|---|"]
         for name, rows in a["variants"].items():
             for recipe, r in rows.items():
                 lines.append(f"| {name} | {recipe} | {r['before']['top1']:.2f} | {r['after']['top1']:.2f} | "
@@ -124,7 +125,8 @@ def _epochs_markdown(res: dict) -> list:
              f"Top-1 at step {T} on {res['images']} test images; energy per image / the ANN's on 64 of them (standard "
              f"/ strict); analog share of the SNN's energy. One fine-tuning run of {res['epochs']} epochs "
              f"({res['steps_per_epoch']} steps of batch 64 per epoch, one cosine schedule over all of them; "
-             f"conf/finetune/bptt.yaml, {recipe}), measured on its way; s: its cumulative seconds.", ""]
+             f"conf/finetune/bptt.yaml, {recipe}), measured on its way; s: its cumulative seconds. Measured with "
+             f"`{res.get('command', 'python -m benchmarks.softmax_free')}`.", ""]
     for name, v in res["variants"].items():
         lines += [f"### {name} (ANN {v['ann_top1']:.2f}%)", "",
                   "| epochs | top-1 | drop vs ANN | energy | strict | analog share | s |", "|---|---|---|---|---|---|---|"]
@@ -148,10 +150,12 @@ def main() -> None:
         saved = args.out / "softmax_free.json"
         res = json.loads(saved.read_text()) if saved.exists() else {}
         res.update({**machine_info(fashion_mnist("test").source), "model": MODEL})
-        if args.ablation_steps:
-            res["ablation"] = ablation(args.variants, args.ablation_steps, args.ablation_images)
-        if args.epochs:
-            res["epochs"] = epochs_run(args.variants, args.epochs, args.eval_images)
+        for part, run in (("ablation", args.ablation_steps and (lambda: ablation(args.variants, args.ablation_steps,
+                                                                               args.ablation_images))),
+                          ("epochs", args.epochs and (lambda: epochs_run(args.variants, args.epochs, args.eval_images)))):
+            if run:  # the variants run replace theirs in the saved results; the others stay
+                new = {**run(), "command": "python -m benchmarks.softmax_free " + " ".join(sys.argv[1:])}
+                res[part] = {**new, "variants": {**res.get(part, {}).get("variants", {}), **new["variants"]}}
         return res
 
     def quick(args):

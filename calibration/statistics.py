@@ -138,20 +138,28 @@ def iter_images(data, batch_size: int = 64) -> Iterator[torch.Tensor]:
 
 
 @contextmanager
-def analog_mode(net: nn.Module):
+def analog_mode(net: nn.Module, exact: bool = False):
     """Neurons (and random attention masks) become the identity and every module runs one step per call:
-    ``net`` computes the ANN (ssa and a2os2a compute the softmax attention they replace)."""
+    ``net`` computes the ANN (ssa and a2os2a compute the softmax attention they replace). An unsigned
+    neuron passes only x >= 0 (what it can send: the calibration's view) unless ``exact``, which makes
+    every neuron the identity: exactly the ANN (the reference accuracy, the distillation teacher)."""
     neurons = [m for m in net.modules() if isinstance(m, BaseNeuron)]
     switched = neurons + [m for m in net.modules() if isinstance(m, BernoulliMask)]
+    signs = [n.signed for n in neurons]
     reset_net(net)
     set_step_mode(net, "s")
     for n in switched:
         n.analog = True
+    if exact:
+        for n in neurons:
+            n.signed = True
     try:
         yield neurons
     finally:
         for n in switched:
             n.analog = False
+        for n, signed in zip(neurons, signs):
+            n.signed = signed
         reset_net(net)
 
 

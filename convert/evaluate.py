@@ -31,7 +31,7 @@ def evaluate(snn: SpikingModel, loader: Iterable, timesteps: int, progress: bool
         if reference is not None:
             ref = reference(images)
         else:
-            with analog_mode(snn.net):
+            with analog_mode(snn.net, exact=True):
                 ref = snn.net(images)
         per_step = snn.simulate(images, timesteps)  # [T, B, classes]
         k = min(5, ref.shape[-1])

@@ -360,7 +360,7 @@ def _loss(logits, labels, teacher, images, o, taps=None) -> torch.Tensor:
     if teacher is None:
         return loss
     student_features = taps[0].take() if taps else None
-    with torch.no_grad(), analog_mode(teacher):
+    with torch.no_grad(), analog_mode(teacher, exact=True):
         ann = teacher(images)
     if o["distill"] > 0:
         tau = o["temperature"]
@@ -372,14 +372,10 @@ def _loss(logits, labels, teacher, images, o, taps=None) -> torch.Tensor:
 
 
 def _teacher(snn: SpikingModel) -> nn.Module:
-    """A frozen copy of the network that computes the ANN in analog mode: its neurons pass negative inputs too
-    (an unsigned neuron's analog form is a ReLU, right for calibrating it but not the ANN: spike_driven, if)."""
+    """A frozen copy of the network; it computes the ANN in ``analog_mode(teacher, exact=True)``."""
     teacher = copy.deepcopy(snn.net).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    for n in teacher.modules():
-        if isinstance(n, BaseNeuron):
-            n.signed = True
     return teacher
 
 

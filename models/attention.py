@@ -187,11 +187,10 @@ class SpikingSDPA(nn.Module):
         """(product, neuron of A or None, neuron of B or None, B transposed) for operation counting."""
         def spiking(n):
             return n if isinstance(n, BaseNeuron) else None
-        soft = [(self.soft_qk, None, None, True), (self.soft_av, None, None, False)]  # analog mode, blend
-        if self.variant == "a2os2a":
-            return [(self.qk, self.q_neuron, None, True), (self.av, None, self.v_neuron, False)] + soft
-        if self.variant == "ssa":
-            return [(self.qk, self.q_neuron, self.k_neuron, True), (self.av, None, self.v_neuron, False)] + soft
+        if self.variant in ("ssa", "a2os2a"):
+            soft = [(self.soft_qk, None, None, True), (self.soft_av, None, None, False)]  # analog mode, blend
+            a = self.k_neuron if self.variant == "ssa" else None
+            return [(self.qk, self.q_neuron, a, True), (self.av, None, self.v_neuron, False)] + soft
         return [(self.qk, spiking(self.q_neuron), spiking(self.k_neuron), True),
                 (self.av, self.attn_neuron, spiking(self.v_neuron), False)]
 

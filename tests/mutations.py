@@ -93,9 +93,19 @@ MUTATIONS: List[Mutation] = [
              "    if world_size() > 1:  # torchrun: each rank trains", "    if False:  # torchrun: each rank trains",
              ("tests/test_distributed.py::-k finetuning",)),
     Mutation("distillation-teacher-shuffled", "convert/finetune.py",
-             "target = F.softmax(teacher(images) / tau, -1)",
-             "target = F.softmax(teacher(images)[torch.randperm(len(images))] / tau, -1)",
+             "F.softmax(ann / tau, -1)", "F.softmax(ann[torch.randperm(len(ann))] / tau, -1)",
              ("tests/test_finetune.py::-k distillation",)),
+    Mutation("ssa-analog-mode-leaks-relu", "models/attention.py",
+             "self.q_neuron(q), self.v_neuron(v), self.k_neuron(k) if self.variant == \"ssa\" else None",
+             "q, v = self.q_neuron(q), self.v_neuron(v)", ("tests/test_variants.py::-k analog_mode_is",)),
+    Mutation("output-map-not-fitted", "calibration/corrections.py", "shift = mean_a - gain * mean_b",
+             "gain, shift = torch.ones_like(gain), torch.zeros_like(mean_a)",
+             ("tests/test_variants.py::-k least_squares",)),
+    Mutation("blend-ignores-lambda", "convert/finetune.py", "        if module.analog or self.value >= 1:\n",
+             "        if True:\n", ("tests/test_variants.py::-k blend_at_zero",)),
+    Mutation("block-output-term-dropped", "convert/finetune.py",
+             'loss = loss + o["feature_distill"] * feature_loss(', 'loss = loss + 0 * feature_loss(',
+             ("tests/test_variants.py::-k feature_distillation",)),
 ]
 
 

@@ -93,3 +93,16 @@ def test_psa_quick_runs_and_renders():
     assert rows[0]["qk_vs_ecm"] == 1.0 and rows[1]["qk_vs_ecm"] == pytest.approx(0.5, abs=0.12)  # each operand's events x (1 - p)
     md = psa.markdown(res, "test")
     assert md.startswith(psa.BEGIN) and md.rstrip().endswith(psa.END) and "| 2 | 0.5 | yes |" in md
+
+
+def test_softmax_free_quick_runs_and_renders(monkeypatch):
+    from benchmarks import softmax_free as sf
+    images = sf.calibration_images(64)
+    monkeypatch.setattr(sf, "calibration_images", lambda: images)
+    monkeypatch.setattr(sf, "ABLATION", {"labels (defaults)": {}})
+    res = {"date": "today", "machine": "test", "model": sf.MODEL, "ablation": sf.ablation(["ssa"], 1, 50),
+           "epochs": sf.epochs_run(["ssa"], 1, 50, train_images=64, points=(1,))}
+    points = res["epochs"]["variants"]["ssa"]["points"]
+    assert set(points) == {"0", "1"} and 0 <= points["1"]["analog_share"] < 1
+    md = sf.markdown(res, "test")
+    assert md.startswith(sf.BEGIN) and md.rstrip().endswith(sf.END) and "| ssa | labels (defaults) |" in md
