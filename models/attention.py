@@ -10,7 +10,8 @@ The variants differ in ``attend``:
             into the product's own rescaling for A V: the spikes stay in the alphabet), so the masked
             products are unbiased
     ssa     Spikformer: Q, K, V = IF(q), IF(k), IF(v) in {0, 1};  out = 0.125 * Q K^T V at every step,
-            no softmax; the neuron of the next Linear becomes a binary IF neuron: SN(0.125 Q K^T V)
+            no softmax, then the calibrated output map (ChannelAffine); the neuron in front of the next
+            Linear is the configured one (signed: the map's output can be negative)
     a2os2a  A2OS2A: Q = IF(q) in {0, 1}, K = ReLU(k) real >= 0, V = ternary(v) in {-1, 0, 1};
             out = Q K^T V at every step, no softmax, no scale: additions only
 
