@@ -143,11 +143,11 @@ class SpikingSDPA(nn.Module):
         if enable_gqa and k.shape[-3] != q.shape[-3]:
             k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
             v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         if self.variant in ("ssa", "a2os2a"):
             if attn_mask is not None or is_causal:
                 raise ValueError(f"attention={self.variant} has no softmax to take an attention mask (relative "
                                  f"position bias, shifted windows or causal mask): use attention=ecm or psa")
-            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
             if self.q_neuron.analog:  # the ANN; the neurons run only so that calibration sees their inputs
                 self.q_neuron(q), self.v_neuron(v), self.k_neuron(k) if self.variant == "ssa" else None
                 return self.softmax_attention(q, k, v, scale)
@@ -157,7 +157,6 @@ class SpikingSDPA(nn.Module):
             if self.blend >= 1:
                 return out
             return self.blend * out + (1 - self.blend) * self.softmax_attention(q, k, v, scale)
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         q = self.q_mask(self.q_neuron(q))
         k = self.k_mask(self.k_neuron(k))
         v = self.v_neuron(v)
