@@ -2,13 +2,16 @@
 Writes its section of BENCHMARKS.md.
 
     python -m benchmarks.softmax_free [--epochs 3] [--ablation-steps 150] [--variants ssa a2os2a spike_driven]
+                                      [--ingredients "constant norm" ...]
     python -m benchmarks.softmax_free --quick     # minutes: ssa, a few steps, 300 test images
 
 Each variant is converted from vit_fmnist at T=4 (signed IF L=1 elsewhere; calibration fits the
 softmax-free attention's output map, calibration.corrections.output_affine) and fine-tuned with
 conf/finetune/bptt.yaml's settings.
-- Ablation: each ingredient (labels, distillation, block-output distillation, the ANN-to-SNN blend)
-  for ``--ablation-steps`` steps of batch 64, top-1 on ``--ablation-images`` test images.
+- Ablation: each ingredient (labels, distillation, block-output distillation, the ANN-to-SNN blend, the
+  constant-statistics norm) for ``--ablation-steps`` steps of batch 64, top-1 on ``--ablation-images``
+  test images (benchmarks.recipes.measure); ``--ingredients`` runs some of them, the others' saved
+  rows stay.
 - Epochs: one run of ``--epochs`` epochs of the training split with ``RECIPE``; top-1 at step 4 on the
   test split, energy per image (standard / strict, vs the ANN) and the analog share after 0, 0.25, 0.5,
   1, 2 and 3 epochs (the run stops there and resumes from its checkpoint: the same weights as one run).
@@ -26,6 +29,7 @@ from torch.utils.data import DataLoader, Subset
 
 from benchmarks.core import accuracy_and_energy, calibration_images, machine_info
 from benchmarks.outputs import benchmark_main
+from benchmarks.recipes import measure
 from convert import convert, finetune
 from models.data import fashion_mnist
 from models.zoo import create_ann
@@ -34,34 +38,24 @@ BEGIN, END = "<!-- softmax_free:begin -->", "<!-- softmax_free:end -->"
 T = 4
 MODEL = "vit_fmnist"
 VARIANTS = {"ssa": dict(attention="ssa"), "a2os2a": dict(attention="a2os2a"),
-            "spike_driven": dict(residual="spike_driven"), "ecm (default)": {}}
+            "spike_driven": dict(residual="spike_driven"), "ecm (default)": {},
+            "ssa, constant norm": dict(attention="ssa", norm="constant"),
+            "spike_driven, constant norm": dict(residual="spike_driven", norm="constant")}
 RECIPE: dict = {}  # on top of conf/finetune/bptt.yaml (labels, lr 1e-3): no ingredient won the ablation
 POINTS = (0.25, 0.5, 1, 2, 3)
-ABLATION = {"labels (defaults)": {}, "distill 0.5": dict(distill=0.5),
-            "distill 0.5 + block outputs 1": dict(distill=0.5, feature_distill=1.0),
-            "labels + blend 0.25": dict(blend=0.25), "labels, lr 3e-4": dict(lr=3e-4)}
+# ingredient: (conversion options on top of the variant's, fine-tuning options)
+ABLATION = {"labels (defaults)": ({}, {}), "distill 0.5": ({}, dict(distill=0.5)),
+            "distill 0.5 + block outputs 1": ({}, dict(distill=0.5, feature_distill=1.0)),
+            "labels + blend 0.25": ({}, dict(blend=0.25)), "labels, lr 3e-4": ({}, dict(lr=3e-4)),
+            "constant norm": (dict(norm="constant"), {}),
+            "constant norm + blend 0.25": (dict(norm="constant"), dict(blend=0.25))}
 
 
-def ablation(variants, steps: int, eval_images: int) -> dict:
-    test_data = fashion_mnist("test")
-    train = fashion_mnist("train").dataset
-    loader = DataLoader(Subset(test_data.dataset, range(eval_images)), batch_size=250)
-    energy_x = test_data.dataset.tensors[0][:64]
-    calib = calibration_images()
-    ann = create_ann(MODEL)
-    images = train.tensors[0][:steps * 64], train.tensors[1][:steps * 64]
+def ablation(variants, steps: int, eval_images: int, ingredients=None) -> dict:
     out = {"steps": steps, "images": eval_images, "variants": {}}
     for name in variants:
-        rows = {}
-        for recipe, options in ABLATION.items():
-            snn = convert(ann, calib, timesteps=T, progress=False, **VARIANTS[name])
-            before = accuracy_and_energy(snn, loader, T, energy_x)
-            t0 = time.time()
-            finetune(snn, images, epochs=1, batch_size=64, progress=False, **options)
-            rows[recipe] = {"before": before, "after": accuracy_and_energy(snn, loader, T, energy_x),
-                            "seconds": time.time() - t0}
-            print(f"{name} {recipe}: {before['top1']:.2f} -> {rows[recipe]['after']['top1']:.2f}", flush=True)
-        out["variants"][name] = rows
+        recipes = {i: ({**VARIANTS[name], **ABLATION[i][0]}, ABLATION[i][1]) for i in ingredients or ABLATION}
+        out["variants"][name] = measure([MODEL], recipes, steps, eval_images)["models"][MODEL]["recipes"]
     return out
 
 
@@ -107,7 +101,7 @@ def markdown(res: dict, command: str) -> str:
     if res.get("ablation"):
         a = res["ablation"]
         lines += [f"### What each ingredient buys: {a['steps']} steps of batch 64, top-1 on {a['images']} test images",
-                  "", f"Measured with `{a.get('command', command)}`.", "", "| variant | recipe | training-free | fine-tuned | drop vs ANN | s |", "|---|---|---|---|---|---|"]
+                  "", f"Measured with {_commands(a, command)}.", "", "| variant | recipe | training-free | fine-tuned | drop vs ANN | s |", "|---|---|---|---|---|---|"]
         for name, rows in a["variants"].items():
             for recipe, r in rows.items():
                 lines.append(f"| {name} | {recipe} | {r['before']['top1']:.2f} | {r['after']['top1']:.2f} | "
@@ -119,6 +113,11 @@ def markdown(res: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _commands(part: dict, default: str) -> str:
+    """The commands whose rows a part holds (each run replaces its own variants and rows)."""
+    return "; ".join(f"`{c}`" for c in part.get("commands", [part.get("command", default)]))
+
+
 def _epochs_markdown(res: dict) -> list:
     recipe = ", ".join(f"{k}={v}" for k, v in res["recipe"].items()) or "nothing changed"
     lines = ["### Accuracy vs fine-tuning epochs", "",
@@ -126,7 +125,7 @@ def _epochs_markdown(res: dict) -> list:
              f"/ strict); analog share of the SNN's energy. One fine-tuning run of {res['epochs']} epochs "
              f"({res['steps_per_epoch']} steps of batch 64 per epoch, one cosine schedule over all of them; "
              f"conf/finetune/bptt.yaml, {recipe}), measured on its way; s: its cumulative seconds. Measured with "
-             f"`{res.get('command', 'python -m benchmarks.softmax_free')}`.", ""]
+             f"{_commands(res, 'python -m benchmarks.softmax_free')}.", ""]
     for name, v in res["variants"].items():
         lines += [f"### {name} (ANN {v['ann_top1']:.2f}%)", "",
                   "| epochs | top-1 | drop vs ANN | energy | strict | analog share | s |", "|---|---|---|---|---|---|---|"]
@@ -143,6 +142,7 @@ def _arguments(parser):
     parser.add_argument("--eval-images", type=int, default=10000)
     parser.add_argument("--ablation-steps", type=int, default=150)
     parser.add_argument("--ablation-images", type=int, default=2000)
+    parser.add_argument("--ingredients", nargs="+", default=list(ABLATION), choices=list(ABLATION))
 
 
 def main() -> None:
@@ -151,11 +151,16 @@ def main() -> None:
         res = json.loads(saved.read_text()) if saved.exists() else {}
         res.update({**machine_info(fashion_mnist("test").source), "model": MODEL})
         for part, run in (("ablation", args.ablation_steps and (lambda: ablation(args.variants, args.ablation_steps,
-                                                                               args.ablation_images))),
+                                                                               args.ablation_images,
+                                                                               args.ingredients))),
                           ("epochs", args.epochs and (lambda: epochs_run(args.variants, args.epochs, args.eval_images)))):
-            if run:  # the variants run replace theirs in the saved results; the others stay
+            if run:  # the variants (and ablation rows) run replace theirs in the saved results; the others stay
                 new = {**run(), "command": "python -m benchmarks.softmax_free " + " ".join(sys.argv[1:])}
-                res[part] = {**new, "variants": {**res.get(part, {}).get("variants", {}), **new["variants"]}}
+                old = res.get(part, {}).get("variants", {})
+                if part == "ablation":
+                    new["variants"] = {n: {**old.get(n, {}), **rows} for n, rows in new["variants"].items()}
+                commands = [c for c in res.get(part, {}).get("commands", []) if c != new["command"]]
+                res[part] = {**new, "variants": {**old, **new["variants"]}, "commands": commands + [new["command"]]}
         return res
 
     def quick(args):

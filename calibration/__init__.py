@@ -7,7 +7,7 @@ from typing import Dict, Iterable, Optional
 import torch
 from torch import nn
 
-from calibration.corrections import bias_correction, firing_rates, output_affine
+from calibration.corrections import bias_correction, constant_norms, firing_rates, output_affine
 from calibration.statistics import RunningHistogram, analog_mode, collect_statistics, iter_images
 from calibration.thresholds import METHODS, choose_thresholds, expected_error
 from models.distributed import shard, world_size
@@ -43,6 +43,7 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "mse", percentile: f
         warnings.warn(f"only {seen} calibration images available (asked for {num_images}); calibrating on {seen}",
                       stacklevel=3)
     mine = _rank_shard(batches)
+    norms = constant_norms(net, mine, prefix_tokens, tokens, progress)  # norm=constant: before the thresholds
     hists = collect_statistics(net, mine, per_channel=per_channel, progress=progress, prefix_tokens=prefix_tokens,
                                tokens=tokens)
     report = {}
@@ -68,6 +69,7 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "mse", percentile: f
                                                           module.signed).mean())
                                      for h, p in zip(hists[name], parts)], hists[name]),
         }
+    report.update(norms)
     report.update(output_affine(net, mine, timesteps, progress))  # ssa / a2os2a: onto the softmax attention's scale
     if correction == "bias":
         for name, shift in bias_correction(net, mine, timesteps, step_mode, progress).items():

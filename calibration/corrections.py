@@ -15,20 +15,23 @@ same image, per channel (head, feature) over images and tokens, the least-square
 
     gain = cov(a, b) / var(b),   shift = mean(a) - gain mean(b)       (gain = 0 where b is constant)
 
-so the variant's output lands on the scale the next layer was trained for.
+so the variant's output lands on the scale the next layer was trained for. Constant norms
+(norm=constant), norm by norm in network order, before the thresholds: the same fit of the ANN's
+norm output a onto the norm's input b in analog mode, per channel and prefix-token row.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibration.statistics import analog_mode
+from calibration.statistics import analog_mode, token_groups
 from models.attention import ChannelAffine
 from models.distributed import all_reduce
 from models.neurons import BaseNeuron
+from models.normalization import ConstantNorm
 from models.state import run_steps
 from models.synapse import SpikingSynapse
 
@@ -120,25 +123,83 @@ def output_affine(net: nn.Module, batches: List[torch.Tensor], timesteps: int,
                     b = seen.pop("snn")
                     b = b.reshape(timesteps, *a.shape).mean(0)
                     dim = a.shape[-1]
-                    a, b = (_channel_rows(t) for t in (a, b))
-                    batch = torch.stack([a.sum(0), b.sum(0), (a * b).sum(0), (b * b).sum(0), (a * a).sum(0),
-                                         torch.full_like(a[0], a.shape[0])])
+                    batch = _moments(_channel_rows(a), _channel_rows(b))
                     sums = batch if sums is None else sums + batch
         finally:
             for h in handles:
                 h.remove()
-        sa, sb, sab, sbb, saa, n = all_reduce(sums)
-        mean_a, mean_b = sa / n, sb / n
-        cov, var_b, var_a = sab / n - mean_a * mean_b, sbb / n - mean_b ** 2, saa / n - mean_a ** 2
-        gain = torch.where(var_b > 1e-12 * var_b.max().clamp_min(1e-30), cov / var_b.clamp_min(1e-30),
-                           torch.zeros_like(cov))
-        shift = mean_a - gain * mean_b
+        gain, shift, explained = _least_squares(all_reduce(sums))
         like = core.q_neuron.threshold
         affine.out_gain = nn.Parameter(gain.reshape(-1, 1, dim).to(like))
         affine.out_shift = nn.Parameter(shift.reshape(-1, 1, dim).to(like))
-        explained = 1 - (var_a - cov * gain).sum() / var_a.sum().clamp_min(1e-30)
         report[names[affine]] = {"mean_gain": float(gain.mean()), "explained_variance": float(explained)}
     return report
+
+
+class _Captured(Exception):
+    """Ends a forward pass once a hook has what it needs."""
+
+
+def constant_norms(net: nn.Module, batches: List[torch.Tensor], prefix_tokens: int = 0, tokens: Optional[int] = None,
+                   progress: bool = True) -> Dict[str, Dict[str, float]]:
+    """Fit every ``ConstantNorm``'s gain and shift, in network order: per channel (and prefix-token row, as
+    thresholds), the least-squares map from its input in analog mode (earlier norms already constant) onto
+    the ANN's norm output on the same images. Returns per norm the mean gain and the explained variance."""
+    names = {m: n for n, m in net.named_modules()}
+    report = {}
+    for norm in tqdm([m for m in net.modules() if isinstance(m, ConstantNorm)], desc="constant norms",
+                     disable=not progress, leave=False):
+        seen: Dict[str, torch.Tensor] = {}
+
+        def capture(key, value):
+            seen[key] = value
+            raise _Captured
+
+        handles = [norm.register_forward_hook(lambda m, i, o: capture("ann", o) if m.exact else None),
+                   norm.register_forward_pre_hook(lambda m, i: None if m.exact else capture("input", i[0]))]
+        sums = None
+        try:
+            with torch.no_grad():
+                for x in batches:
+                    for exact in (True, False):
+                        with analog_mode(net, exact=exact):
+                            try:
+                                net(x)
+                            except _Captured:
+                                pass
+                    a, b = seen.pop("ann"), seen.pop("input")
+                    groups = zip(token_groups(a, prefix_tokens, tokens), token_groups(b, prefix_tokens, tokens))
+                    batch = torch.stack([_moments(*(t.reshape(-1, t.shape[-1]).double() for t in pair))
+                                         for pair in groups])
+                    sums = batch if sums is None else sums + batch
+        finally:
+            for h in handles:
+                h.remove()
+        gain, shift, explained = _least_squares(all_reduce(sums).transpose(0, 1))
+        like = norm.norm.weight if getattr(norm.norm, "weight", None) is not None else b
+        rows = (lambda t: t[0]) if gain.shape[0] == 1 else (lambda t: t)  # one group: [C]; else [P + 1, C]
+        norm.norm_gain = nn.Parameter(rows(gain).to(like))
+        norm.norm_shift = nn.Parameter(rows(shift).to(like))
+        report[names[norm]] = {"mean_gain": float(gain.mean()), "explained_variance": float(explained)}
+    return report
+
+
+def _moments(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per channel (columns of the float64 rows ``a``, ``b``): sum a, sum b, sum ab, sum b^2, sum a^2, count."""
+    return torch.stack([a.sum(0), b.sum(0), (a * b).sum(0), (b * b).sum(0), (a * a).sum(0),
+                        torch.full_like(a[0], a.shape[0])])
+
+
+def _least_squares(sums: torch.Tensor):
+    """gain, shift of the fit a ~ gain b + shift from ``_moments`` sums ([6, ...]), and the share of a's
+    variance it explains (over all channels)."""
+    sa, sb, sab, sbb, saa, n = sums
+    mean_a, mean_b = sa / n, sb / n
+    cov, var_b, var_a = sab / n - mean_a * mean_b, sbb / n - mean_b ** 2, saa / n - mean_a ** 2
+    gain = torch.where(var_b > 1e-12 * var_b.max().clamp_min(1e-30), cov / var_b.clamp_min(1e-30),
+                       torch.zeros_like(cov))
+    explained = 1 - (var_a - cov * gain).sum() / var_a.sum().clamp_min(1e-30)
+    return gain, mean_a - gain * mean_b, explained
 
 
 def firing_rates(net: nn.Module, batches: List[torch.Tensor], timesteps: int, step_mode: str = "s") -> Dict[str, float]:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from models.attention import BernoulliMask
 from models.distributed import all_reduce, world_size
 from models.neurons import BaseNeuron
+from models.normalization import ConstantNorm
 from models.state import reset_net, set_step_mode
 
 
@@ -142,9 +143,11 @@ def analog_mode(net: nn.Module, exact: bool = False):
     """Neurons (and random attention masks) become the identity and every module runs one step per call:
     ``net`` computes the ANN (ssa and a2os2a compute the softmax attention they replace). An unsigned
     neuron passes only x >= 0 (what it can send: the calibration's view) unless ``exact``, which makes
-    every neuron the identity: exactly the ANN (the reference accuracy, the distillation teacher)."""
+    every neuron the identity and every ``ConstantNorm`` the norm it replaced: exactly the ANN (the reference
+    accuracy, the distillation teacher)."""
     neurons = [m for m in net.modules() if isinstance(m, BaseNeuron)]
     switched = neurons + [m for m in net.modules() if isinstance(m, BernoulliMask)]
+    norms = [m for m in net.modules() if isinstance(m, ConstantNorm)]
     signs = [n.signed for n in neurons]
     reset_net(net)
     set_step_mode(net, "s")
@@ -153,6 +156,8 @@ def analog_mode(net: nn.Module, exact: bool = False):
     if exact:
         for n in neurons:
             n.signed = True
+        for n in norms:
+            n.exact = True
     try:
         yield neurons
     finally:
@@ -160,6 +165,8 @@ def analog_mode(net: nn.Module, exact: bool = False):
             n.analog = False
         for n, signed in zip(neurons, signs):
             n.signed = signed
+        for n in norms:
+            n.exact = False
         reset_net(net)
 
 

@@ -20,6 +20,7 @@ from models.zoo import architecture_of
 
 ATTENTION_VARIANTS = ("ecm", "psa", "ssa", "a2os2a")
 RESIDUAL_STYLES = ("membrane", "spike_driven")
+NORM_STYLES = ("ecm", "constant")
 
 # The defaults: training-free; thresholds minimise the quantiser's expected error for the run's T and alphabet
 # (calibration.thresholds), checked on every reference model (python -m benchmarks.generalization, BENCHMARKS.md).
@@ -27,7 +28,7 @@ DEFAULTS: Dict[str, Any] = dict(neuron="signed_if", levels=1, v_init=None, codin
                                 calibration="mse",
                                 percentile=99.5, per_channel=True, per_token=True, correction="none", num_images=None,
                                 attention="ecm",
-                                mask_p=0.0, mask_rescale=False, residual="membrane", step_mode="s", progress=True)
+                                mask_p=0.0, mask_rescale=False, residual="membrane", norm="ecm", step_mode="s", progress=True)
 
 
 def check_options(options: Dict[str, Any]) -> Dict[str, Any]:
@@ -65,7 +66,7 @@ def build_spiking(ann: nn.Module, timesteps: int, options: Dict[str, Any],
     example = torch.randn(2, inputs["channels"], *inputs["size"], generator=generator).to(device)
     rewriter = Rewriter(make_neuron, attention=opts["attention"], mask_p=float(opts["mask_p"]),
                         spike_driven=opts["residual"] == "spike_driven", fixed_tokens=not inputs["dynamic"],
-                        example=example, mask_rescale=bool(opts["mask_rescale"]))
+                        example=example, mask_rescale=bool(opts["mask_rescale"]), norm=opts["norm"])
     net = rewriter.convert_root(net)
     set_coding(net, opts["coding"], float(opts["hysteresis"]))
     if rewriter.specialised:  # shape-dependent code was fixed to the conversion's image size

@@ -110,11 +110,11 @@ def read_metadata(path: Path) -> dict:
 
 
 def _fit_parameters(net: nn.Module, state: dict) -> None:
-    """Give thresholds, bias shifts and output affine maps the shapes the checkpoint holds (per-channel,
-    corrections, softmax-free attention)."""
+    """Give thresholds, bias shifts, output affine maps and constant norms the shapes the checkpoint holds
+    (per-channel, corrections, softmax-free attention, norm=constant)."""
     for key, value in state.items():
         module_path, attr = key.rpartition(".")[::2]
-        if attr not in ("threshold", "bias_shift", "out_gain", "out_shift"):
+        if attr not in ("threshold", "bias_shift", "out_gain", "out_shift", "norm_gain", "norm_shift"):
             continue
         try:
             module = net.get_submodule(module_path)
@@ -124,7 +124,7 @@ def _fit_parameters(net: nn.Module, state: dict) -> None:
         if current is None or current.shape != value.shape:
             if attr == "threshold":
                 setattr(module, attr, nn.Parameter(torch.empty_like(value), requires_grad=False))
-            elif attr.startswith("out_"):
+            elif attr.startswith(("out_", "norm_")):
                 setattr(module, attr, nn.Parameter(torch.empty_like(value)))
             else:
                 setattr(module, attr, torch.empty_like(value))

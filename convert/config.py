@@ -56,6 +56,7 @@ class AttentionConfig:
     mask_p: float = MISSING
     mask_rescale: bool = MISSING
     residual: str = MISSING
+    norm: str = MISSING
 
 
 @dataclass
@@ -173,5 +174,6 @@ def convert_options(cfg: DictConfig) -> Dict[str, Any]:
                 num_images=cfg.calibration.num_images,
                 attention=cfg.attention.name, mask_p=cfg.attention.mask_p,
                 mask_rescale=cfg.attention.mask_rescale, residual=cfg.attention.residual,
+                norm=cfg.attention.norm,
                 step_mode=cfg.step_mode,
                 progress=cfg.progress)

@@ -13,7 +13,8 @@ Per image, summed over T steps:
   under differential coding only at steps whose input changed (the image arrives once).
 - expectation-compensated non-linearities (LayerNorm, GELU, softmax, ...) and the calibrated
   per-channel scale of ssa / a2os2a outputs: one MAC per element per step (a lower bound; they
-  stay analog).
+  stay analog). A ``ConstantNorm`` (norm=constant) costs nothing: its per-channel map folds into the
+  threshold and bias current of the neuron that reads it (models.normalization).
 - spike products (Q K^T, A V, SwiGLU gates) in expectation: the spike-driven increments
   a(t) S_B(t-1) + S_A(t-1) b(t) + a(t) b(t) are accumulations, events_a x columns(B) +
   events_b x rows(A) SOPs, with the events of the levels a(t), b(t) whatever the coding
@@ -38,6 +39,7 @@ from convert.network import SpikingModel, check_images, check_timesteps
 from models.attention import ChannelAffine
 from models.ecm import ExpectationCompensation, SpikeProduct
 from models.neurons import BaseNeuron
+from models.normalization import ConstantNorm
 from models.state import run_steps
 from models.synapse import SpikingSynapse, dense_macs
 
@@ -91,8 +93,8 @@ class _Counter:
                 self._hook(m, self._synapse(names[m], m), with_kwargs=True)
             elif isinstance(m, LAYERS) and id(m) not in in_synapse:
                 self._hook(m, self._analog_layer(names[m]))
-            elif isinstance(m, (ExpectationCompensation, ChannelAffine)):
-                self._hook(m, self._nonlinear(names[m]))
+            elif isinstance(m, (ExpectationCompensation, ChannelAffine, ConstantNorm)):
+                self._hook(m, self._nonlinear(names[m], spiking_cost=not isinstance(m, ConstantNorm)))
             if isinstance(m, BaseNeuron):
                 self._hook(m, self._neuron(names[m], m))
             if hasattr(m, "products"):
@@ -149,13 +151,14 @@ class _Counter:
             rec["strict_macs"] += dense
         return hook
 
-    def _nonlinear(self, name):
+    def _nonlinear(self, name, spiking_cost=True):
+        """One MAC per output element: the ANN's; the SNN's at every step unless ``spiking_cost`` is False."""
         def hook(module, inputs, output):
             n = float(sum(o.numel() for o in output) if isinstance(output, tuple) else output.numel())
             rec = self.ops[name]
             if self.analog:
                 rec["ann_macs"] += n
-            else:
+            elif spiking_cost:
                 rec["macs"] += n
                 rec["strict_macs"] += n
         return hook

@@ -9,7 +9,8 @@ The loss is taken on the mean output over T steps, run in multi-step mode:
 
 ``blend`` fades the SNN in from the ANN over the first share ``blend`` of the steps: at step s,
 lambda = min(1, s / (blend S)) and every neuron outputs lambda SN(x) + (1 - lambda) x, every
-softmax-free attention core lambda variant + (1 - lambda) softmax attention (models.attention); the
+softmax-free attention core lambda variant + (1 - lambda) softmax attention (models.attention), every
+``ConstantNorm`` lambda (gain x + shift) + (1 - lambda) norm(x) (models.normalization); the
 network is the ANN at lambda = 0 and the pure SNN from lambda = 1 on (and after fine-tuning).
 
 The events term counts |k| (|k(t) - k(t-1)| under differential coding) with the spikes' surrogate gradients,
@@ -52,6 +53,7 @@ from convert.network import SpikingModel, check_images, check_timesteps
 from models.distributed import is_main, rank, world_size
 from models.attention import SpikingSDPA
 from models.neurons import BaseNeuron, Surrogate
+from models.normalization import ConstantNorm
 from models.state import reset_net, set_step_mode
 
 FINETUNE_DEFAULTS: Dict[str, Any] = dict(
@@ -136,11 +138,12 @@ class EventMeter:
 
 class Blend:
     """The ANN-to-SNN fade-in: neurons output lambda SN(x) + (1 - lambda) x (forward hooks), softmax-free
-    attention cores mix in the softmax attention with weight 1 - lambda (their ``blend``)."""
+    attention cores mix in the softmax attention and constant norms the norm they replace, with weight
+    1 - lambda (their ``blend``)."""
 
     def __init__(self, net: nn.Module, neurons) -> None:
         self.value = 1.0
-        self.cores = [m for m in net.modules() if isinstance(m, SpikingSDPA) and hasattr(m, "blend")]
+        self.cores = [m for m in net.modules() if isinstance(m, (SpikingSDPA, ConstantNorm)) and hasattr(m, "blend")]
         self.handles = [n.register_forward_hook(self._hook) for n in neurons]
 
     def set(self, value: float) -> None:

@@ -13,7 +13,8 @@ every step, through linear operations only) or an activation *stream*. Operation
 - a product of two streams (``@``, ``*``, ``einsum``): a neuron on each operand and the product in
   expectation (``SpikingProduct``);
 - a non-linear stateless function or module (LayerNorm, GELU, softmax, F.normalize, max, ...):
-  expectation compensation;
+  expectation compensation (with ``norm=constant``, a LayerNorm / RMSNorm over the last axis becomes a
+  ``ConstantNorm`` instead: a calibrated per-channel affine map, linear);
 - a linear operation (reshapes, sums, concatenation, window partition, roll, padding, average pooling,
   products with constants): kept as it is.
 
@@ -46,6 +47,7 @@ from convert import ops
 from models.attention import SpikingSDPA
 from models.ecm import ExpectationCompensation, Method, SpikeProduct
 from models.neurons import BaseNeuron, IFNeuron
+from models.normalization import ConstantNorm
 from models.synapse import SpikingProduct, SpikingSynapse
 
 
@@ -76,6 +78,7 @@ def _activation_types() -> tuple:
 ACTIVATIONS = _activation_types()
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, timm.layers.LayerNorm, timm.layers.LayerNorm2d,
          timm.layers.RmsNorm, timm.layers.RmsNorm2d, timm.layers.GroupNorm, timm.layers.GroupNorm1)
+TOKEN_NORMS = (nn.LayerNorm, timm.layers.LayerNorm, timm.layers.RmsNorm)  # over the last axis: ConstantNorm can take them
 NONLINEAR_MODULES = NORMS + ACTIVATIONS + (nn.Softmax, nn.LogSoftmax, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
                                            nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 LINEAR_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -101,6 +104,15 @@ def register(*types: type):
 
 @register(*NONLINEAR_MODULES)
 def _expectation(rw: "Rewriter", module: nn.Module, path: str) -> nn.Module:
+    return ExpectationCompensation(module)
+
+
+@register(*TOKEN_NORMS)
+def _token_norm(rw: "Rewriter", module: nn.Module, path: str) -> nn.Module:
+    """norm=constant: a per-token norm over the last axis becomes ``ConstantNorm``; else (and for norms over
+    several axes) it is computed in expectation."""
+    if rw.norm == "constant" and len(module.normalized_shape) == 1:
+        return ConstantNorm(module)
     return ExpectationCompensation(module)
 
 
@@ -259,13 +271,15 @@ class Rewriter:
 
     ``make_neuron(signed)``: the neuron in front of a Linear input or a product operand; ``attention``:
     ecm, psa (with ``mask_p``), ssa or a2os2a; ``spike_driven``: every Linear input is a binary IF neuron
-    (Spikingformer); ``fixed_tokens``: the token count is the same for every input (per-key thresholds
+    (Spikingformer); ``norm``: ecm (LayerNorm / RMSNorm in expectation) or constant (``ConstantNorm``, calibrated
+    constant statistics); ``fixed_tokens``: the token count is the same for every input (per-key thresholds
     on attention maps are then meaningful)."""
 
     def __init__(self, make_neuron: Callable[[bool], BaseNeuron], attention: str = "ecm", mask_p: float = 0.0,
                  spike_driven: bool = False, fixed_tokens: bool = True,
-                 example: Optional[torch.Tensor] = None, mask_rescale: bool = False) -> None:
+                 example: Optional[torch.Tensor] = None, mask_rescale: bool = False, norm: str = "ecm") -> None:
         self.make_neuron = make_neuron
+        self.norm = norm
         self.attention, self.mask_p, self.spike_driven = attention, mask_p, spike_driven
         self.mask_rescale = mask_rescale
         self.fixed_tokens = fixed_tokens

@@ -123,10 +123,11 @@ def _is_device(v) -> bool:
 
 def _choices() -> Dict[str, Tuple[str, ...]]:
     from calibration import CORRECTIONS, METHODS
-    from convert.api import ATTENTION_VARIANTS, RESIDUAL_STYLES
+    from convert.api import ATTENTION_VARIANTS, NORM_STYLES, RESIDUAL_STYLES
     from models.neurons import CODINGS, NEURONS, Surrogate
     return {"neuron": tuple(NEURONS), "coding": CODINGS, "method": tuple(METHODS), "correction": tuple(CORRECTIONS),
             "attention": tuple(ATTENTION_VARIANTS), "residual": tuple(RESIDUAL_STYLES),
+            "norm": NORM_STYLES,
             "surrogate": tuple(Surrogate.KINDS)}
 
 
@@ -162,6 +163,8 @@ def keys() -> List[Key]:
         Key("attention.mask_rescale", "bool", "psa: divide the masked products by 1 - mask_p (unbiased)",
             api="mask_rescale"),
         Key("attention.residual", "choice", "residual style", choices=c["residual"], api="residual"),
+        Key("attention.norm", "choice", "ecm: LayerNorm / RMSNorm in expectation; constant: calibrated constant "
+            "statistics (a per-channel affine map, no per-token reduction)", choices=c["norm"], api="norm"),
         Key("finetune.epochs", "int", "fine-tuning epochs (0: training-free)", low=0, high=100000),
         Key("finetune.lr", "float", "learning rate of the weights", low=0, low_open=True, high=10, api="lr"),
         Key("finetune.threshold_lr", "float", "learning rate of the thresholds (null: lr)", low=0, low_open=True,

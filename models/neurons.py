@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from models.state import StatefulModule
+from models.tokens import token_rows
 
 
 CODINGS = ("rate", "differential")
@@ -90,11 +91,8 @@ class BaseNeuron(StatefulModule):
     def theta(self, like: torch.Tensor) -> torch.Tensor:
         """The threshold shaped to broadcast against ``like``: a scalar, per channel on ``channel_axis``, or
         [P + 1, C] rows for the P prefix tokens and the other tokens along the second to last axis."""
-        theta = self.threshold.to(like.dtype)
-        if theta.dim() == 2:  # prefix-token rows: token i < P takes row i, every later token row P
-            rows = torch.arange(like.shape[-2], device=theta.device).clamp(max=theta.shape[0] - 1)
-            return theta[rows]
-        if theta.dim() == 0 or self.channel_axis == -1:
+        theta = token_rows(self.threshold, like)
+        if theta.dim() == 0 or self.channel_axis == -1 or self.threshold.dim() == 2:
             return theta
         return theta.reshape(-1, *([1] * (like.dim() - 1 - self.channel_axis)))
 

@@ -97,9 +97,11 @@ def test_psa_quick_runs_and_renders():
 
 def test_softmax_free_quick_runs_and_renders(monkeypatch):
     from benchmarks import softmax_free as sf
+    from benchmarks import recipes
     images = sf.calibration_images(64)
     monkeypatch.setattr(sf, "calibration_images", lambda: images)
-    monkeypatch.setattr(sf, "ABLATION", {"labels (defaults)": {}})
+    monkeypatch.setattr(recipes, "calibration_images", lambda: images)
+    monkeypatch.setattr(sf, "ABLATION", {"labels (defaults)": ({}, {})})
     res = {"date": "today", "machine": "test", "model": sf.MODEL, "ablation": sf.ablation(["ssa"], 1, 50),
            "epochs": sf.epochs_run(["ssa"], 1, 50, train_images=64, points=(1,))}
     points = res["epochs"]["variants"]["ssa"]["points"]
