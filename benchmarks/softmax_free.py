@@ -15,6 +15,8 @@ conf/finetune/bptt.yaml's settings.
 - Epochs: one run of ``--epochs`` epochs of the training split with ``RECIPE``; top-1 at step 4 on the
   test split, energy per image (standard / strict, vs the ANN) and the analog share after 0, 0.25, 0.5,
   1, 2 and 3 epochs (the run stops there and resumes from its checkpoint: the same weights as one run).
+- What stays analog: training-free energy and analog share of every variant at T=4 and 16, split into the
+  image layer, the norms and the rest (every run).
 A part run with 0 (``--epochs 0`` or ``--ablation-steps 0``) keeps the saved results of that part.
 """
 from __future__ import annotations
@@ -30,7 +32,9 @@ from torch.utils.data import DataLoader, Subset
 from benchmarks.core import accuracy_and_energy, calibration_images, machine_info
 from benchmarks.outputs import benchmark_main
 from benchmarks.recipes import measure
-from convert import convert, finetune
+from convert import convert, energy_report, finetune
+from convert.energy import LAYERS
+from convert.rewrite import TOKEN_NORMS
 from models.data import fashion_mnist
 from models.zoo import create_ann
 
@@ -56,6 +60,29 @@ def ablation(variants, steps: int, eval_images: int, ingredients=None) -> dict:
     for name in variants:
         recipes = {i: ({**VARIANTS[name], **ABLATION[i][0]}, ABLATION[i][1]) for i in ingredients or ABLATION}
         out["variants"][name] = measure([MODEL], recipes, steps, eval_images)["models"][MODEL]["recipes"]
+    return out
+
+
+def analog_shares(variants, timesteps=(4, 16)) -> dict:
+    """Training-free energy per image / the ANN's and what stays analog, on 64 test images: the layer fed the
+    image, the norms (LayerNorm in expectation) and the rest (GELU, softmax, product rescaling, output maps)."""
+    ann, calib = create_ann(MODEL), calibration_images()
+    x = fashion_mnist("test").dataset.tensors[0][:64]
+    out = {"images": len(x), "variants": {}}
+    for name in variants:
+        rows = {}
+        for t in timesteps:
+            snn = convert(ann, calib, timesteps=t, progress=False, **VARIANTS[name])
+            r = energy_report(snn, x)
+            parts = {"image layer": 0.0, "norms": 0.0, "other": 0.0}
+            for op in r["analog_ops"]:
+                m = snn.net.get_submodule(op["module"])
+                part = "image layer" if isinstance(m, LAYERS) else \
+                    "norms" if isinstance(getattr(m, "fn", None), TOKEN_NORMS) else "other"
+                parts[part] += op["energy_share"]
+            rows[str(t)] = {"energy": r["energy_snn_pj"] / r["energy_ann_pj"], "analog_share": r["analog_share"],
+                            **parts}
+        out["variants"][name] = rows
     return out
 
 
@@ -107,6 +134,18 @@ def markdown(res: dict, command: str) -> str:
                 lines.append(f"| {name} | {recipe} | {r['before']['top1']:.2f} | {r['after']['top1']:.2f} | "
                              f"{r['before']['ann_top1'] - r['after']['top1']:.2f} | {r['seconds']:.0f} |")
         lines.append("")
+    if res.get("shares"):
+        lines += ["### What stays analog, training-free", "",
+                  f"Energy per image / the ANN's on {res['shares']['images']} test images and the analog share of "
+                  f"the SNN's energy, split into the layer fed the image, the norms and the rest (GELU, softmax, "
+                  f"product rescaling, output maps). norm=constant leaves no norm analog (its per-channel map folds "
+                  f"into the neuron that reads it).", "",
+                  "| variant | T | energy | analog share | image layer | norms | other |", "|---|---|---|---|---|---|---|"]
+        for name, rows in res["shares"]["variants"].items():
+            for t, r in rows.items():
+                lines.append(f"| {name} | {t} | {r['energy']:.3f} | {100 * r['analog_share']:.1f}% | "
+                             f"{100 * r['image layer']:.1f}% | {100 * r['norms']:.1f}% | {100 * r['other']:.1f}% |")
+        lines.append("")
     if res.get("epochs"):
         lines += _epochs_markdown(res["epochs"])
     lines.append(END)
@@ -149,7 +188,7 @@ def main() -> None:
     def full(args):
         saved = args.out / "softmax_free.json"
         res = json.loads(saved.read_text()) if saved.exists() else {}
-        res.update({**machine_info(fashion_mnist("test").source), "model": MODEL})
+        res.update({**machine_info(fashion_mnist("test").source), "model": MODEL, "shares": analog_shares(VARIANTS)})
         for part, run in (("ablation", args.ablation_steps and (lambda: ablation(args.variants, args.ablation_steps,
                                                                                args.ablation_images,
                                                                                args.ingredients))),
@@ -165,7 +204,7 @@ def main() -> None:
 
     def quick(args):
         return {**machine_info(fashion_mnist("test").source), "model": MODEL,
-                "ablation": ablation(["ssa"], 3, 300),
+                "ablation": ablation(["ssa"], 3, 300), "shares": analog_shares(["ssa, constant norm"], (4,)),
                 "epochs": epochs_run(["ssa"], 1, 300, train_images=640, points=(0.5, 1))}
     benchmark_main("softmax_free", __doc__, full, quick, markdown, _arguments)
 

@@ -103,8 +103,14 @@ def test_softmax_free_quick_runs_and_renders(monkeypatch):
     monkeypatch.setattr(recipes, "calibration_images", lambda: images)
     monkeypatch.setattr(sf, "ABLATION", {"labels (defaults)": ({}, {})})
     res = {"date": "today", "machine": "test", "model": sf.MODEL, "ablation": sf.ablation(["ssa"], 1, 50),
-           "epochs": sf.epochs_run(["ssa"], 1, 50, train_images=64, points=(1,))}
+           "epochs": sf.epochs_run(["ssa"], 1, 50, train_images=64, points=(1,)),
+           "shares": sf.analog_shares(["ssa", "spike_driven, constant norm"], (2,))}
+    shares = res["shares"]["variants"]
+    assert shares["spike_driven, constant norm"]["2"]["norms"] == 0 < shares["ssa"]["2"]["norms"]
+    assert all(r["image layer"] + r["norms"] + r["other"] == pytest.approx(r["analog_share"])
+               for rows in shares.values() for r in rows.values())
     points = res["epochs"]["variants"]["ssa"]["points"]
     assert set(points) == {"0", "1"} and 0 <= points["1"]["analog_share"] < 1
     md = sf.markdown(res, "test")
     assert md.startswith(sf.BEGIN) and md.rstrip().endswith(sf.END) and "| ssa | labels (defaults) |" in md
+    assert "| spike_driven, constant norm | 2 |" in md

@@ -19,7 +19,8 @@ from tests.conftest import build
 ft = importlib.import_module("convert.finetune")  # the module (``convert.finetune`` is also the function)
 VARIANT_CONFIGS = ["cls_token", "avg_pool_no_cls", "qk_norm", "register_tokens", "layer_scale", "distilled"]
 VARIANTS = [dict(attention="ssa"), dict(attention="a2os2a"), dict(attention="psa", mask_p=0.5),
-            dict(residual="spike_driven"), dict(attention="ssa", residual="spike_driven")]
+            dict(residual="spike_driven"), dict(attention="ssa", residual="spike_driven"),
+            dict(attention="ssa", norm="constant"), dict(residual="spike_driven", norm="constant")]
 ids = lambda o: "-".join(map(str, o.values()))  # noqa: E731
 
 
@@ -255,7 +256,8 @@ def test_finetuning_lowers_the_loss_of_every_variant(options):
 
 # ---- from a softmax ViT to the softmax-free variants: blend schedule, feature distillation -------------------
 
-SOFTMAX_FREE = [dict(attention="ssa"), dict(attention="a2os2a"), dict(residual="spike_driven")]
+SOFTMAX_FREE = [dict(attention="ssa"), dict(attention="a2os2a"), dict(residual="spike_driven"),
+                dict(residual="spike_driven", norm="constant")]
 VALUE_SETS = {"ssa": assert_ssa_spikes_binary, "a2os2a": assert_a2os2a_value_sets,
               "spike_driven": assert_spike_driven_inputs_binary}
 
