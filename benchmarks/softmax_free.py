@@ -12,7 +12,7 @@ conf/finetune/bptt.yaml's settings.
   constant-statistics norm) for ``--ablation-steps`` steps of batch 64, top-1 on ``--ablation-images``
   test images (benchmarks.recipes.measure); ``--ingredients`` runs some of them, the others' saved
   rows stay.
-- Epochs: one run of ``--epochs`` epochs of the training split with ``RECIPE``; top-1 at step 4 on the
+- Epochs: one run of ``--epochs`` epochs of the training split with ``RECIPE`` (or ``--recipe``); top-1 at step 4 on the
   test split, energy per image (standard / strict, vs the ANN) and the analog share after 0, 0.25, 0.5,
   1, 2 and 3 epochs (the run stops there and resumes from its checkpoint: the same weights as one run).
 - What stays analog: training-free energy and analog share of every variant at T=4 and 16, split into the
@@ -86,7 +86,9 @@ def analog_shares(variants, timesteps=(4, 16)) -> dict:
     return out
 
 
-def epochs_run(variants, epochs: int, eval_images: int, train_images=None, points=POINTS) -> dict:
+def epochs_run(variants, epochs: int, eval_images: int, train_images=None, points=POINTS, recipe=None) -> dict:
+    """``recipe``: fine-tuning options instead of ``RECIPE``; the results are then named after it as well."""
+    recipe = RECIPE if recipe is None else recipe
     test_data = fashion_mnist("test")
     train = fashion_mnist("train").dataset
     if train_images:
@@ -113,12 +115,13 @@ def epochs_run(variants, epochs: int, eval_images: int, train_images=None, point
                 snn = convert(ann, calib, timesteps=T, progress=False, **options)  # the teacher is the ANN
                 t0 = time.time()
                 finetune(snn, train, epochs=epochs, batch_size=64, max_steps=steps, resume=resume,
-                         checkpoint_path=ckpt, progress=False, **RECIPE)
+                         checkpoint_path=ckpt, progress=False, **recipe)
                 seconds += time.time() - t0
                 rows[point] = {**accuracy_and_energy(snn, loader, T, energy_x), "seconds": seconds}
                 print(f"{name} {point} epochs: {rows[point]['top1']:.2f} ({seconds:.0f} s)", flush=True)
-        out["variants"][name] = {"options": options, "ann_top1": rows[0]["ann_top1"],
-                                 "points": {str(k): v for k, v in rows.items()}}
+        key = name if recipe == RECIPE else f"{name} + " + ", ".join(f"{k} {v}" for k, v in recipe.items())
+        out["variants"][key] = {"options": options, "recipe": recipe, "ann_top1": rows[0]["ann_top1"],
+                                "points": {str(k): v for k, v in rows.items()}}
     return out
 
 
@@ -163,7 +166,7 @@ def _epochs_markdown(res: dict) -> list:
              f"Top-1 at step {T} on {res['images']} test images; energy per image / the ANN's on 64 of them (standard "
              f"/ strict); analog share of the SNN's energy. One fine-tuning run of {res['epochs']} epochs "
              f"({res['steps_per_epoch']} steps of batch 64 per epoch, one cosine schedule over all of them; "
-             f"conf/finetune/bptt.yaml, {recipe}), measured on its way; s: its cumulative seconds. Measured with "
+             f"conf/finetune/bptt.yaml, {recipe}; a name with '+' says what its run changed), measured on its way; s: its cumulative seconds. Measured with "
              f"{_commands(res, 'python -m benchmarks.softmax_free')}.", ""]
     for name, v in res["variants"].items():
         lines += [f"### {name} (ANN {v['ann_top1']:.2f}%)", "",
@@ -182,6 +185,22 @@ def _arguments(parser):
     parser.add_argument("--ablation-steps", type=int, default=150)
     parser.add_argument("--ablation-images", type=int, default=2000)
     parser.add_argument("--ingredients", nargs="+", default=list(ABLATION), choices=list(ABLATION))
+    parser.add_argument("--recipe", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="fine-tuning options of the epochs run instead of RECIPE, e.g. blend=0.25")
+
+
+def _recipe(pairs):
+    """KEY=VALUE pairs as fine-tuning options (values read as JSON: numbers, true / false), None if empty."""
+    if not pairs:
+        return None
+    recipe = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            recipe[key] = json.loads(value)
+        except json.JSONDecodeError:
+            recipe[key] = value
+    return recipe
 
 
 def main() -> None:
@@ -192,7 +211,8 @@ def main() -> None:
         for part, run in (("ablation", args.ablation_steps and (lambda: ablation(args.variants, args.ablation_steps,
                                                                                args.ablation_images,
                                                                                args.ingredients))),
-                          ("epochs", args.epochs and (lambda: epochs_run(args.variants, args.epochs, args.eval_images)))):
+                          ("epochs", args.epochs and (lambda: epochs_run(args.variants, args.epochs, args.eval_images,
+                                                                           recipe=_recipe(args.recipe))))):
             if run:  # the variants (and ablation rows) run replace theirs in the saved results; the others stay
                 new = {**run(), "command": "python -m benchmarks.softmax_free " + " ".join(sys.argv[1:])}
                 old = res.get(part, {}).get("variants", {})
