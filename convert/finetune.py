@@ -32,6 +32,7 @@ batch; rank 0 writes the checkpoints.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from contextlib import contextmanager
@@ -47,7 +48,7 @@ from tqdm.auto import tqdm
 
 from calibration import analog_mode
 from convert import schema
-from convert.checkpoint import load_training_state, save
+from convert.checkpoint import CALIBRATED, load_training_state, save
 from convert.config import show_progress
 from convert.network import SpikingModel, check_images, check_timesteps
 from models.distributed import is_main, rank, world_size
@@ -230,9 +231,14 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
     total = epochs * len(batches)
     teacher = _teacher(snn) if o["distill"] > 0 or o["feature_distill"] > 0 else None
 
-    resume_meta, resume_tensors = {"epoch": 0, "batch": 0, "step": 0, "history": []}, {}
+    origin = _origin(snn.net)
+    resume_meta, resume_tensors = {"epoch": 0, "batch": 0, "step": 0, "history": [], "origin": origin}, {}
     if o["resume"]:
         resume_tensors, resume_meta = load_training_state(o["resume"], snn)
+        if teacher is not None and resume_meta.get("origin", origin) != origin:  # older checkpoints: not recorded
+            raise ValueError(f"cannot resume from {o['resume']}: the network passed in is not the one this "
+                             f"fine-tuning started from (its weights differ), and the distillation teacher is taken "
+                             f"from it; pass a fresh conversion with the same options")
         written = {k: resume_meta["options"].get(k, FINETUNE_DEFAULTS[k]) for k in RESULT_OPTIONS}  # older: defaults
         if written != {k: o[k] for k in RESULT_OPTIONS} \
                 or resume_meta["epochs"] != epochs:
@@ -297,7 +303,8 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
                 due = step in (total, o["max_steps"]) or (o["checkpoint_every"] and step % o["checkpoint_every"] == 0)
                 if o["checkpoint_path"] and is_main() and due:
                     report = _report(o, epochs, step, total, history, T, elapsed + time.time() - start)
-                    _write_checkpoint(snn, optimizer, o, epochs, step, position, history, report)
+                    _write_checkpoint(snn, optimizer, o, epochs, step, position, history, report,
+                                      resume_meta.get("origin", origin))
                 if step == o["max_steps"]:
                     break
             if step == o["max_steps"]:
@@ -372,6 +379,16 @@ def _loss(logits, labels, teacher, images, o, taps=None) -> torch.Tensor:
     if taps:
         loss = loss + o["feature_distill"] * feature_loss(student_features, taps[1].take())
     return loss
+
+
+def _origin(net: nn.Module) -> str:
+    """SHA-256 of the weights that are not calibrated (those the ANN teacher is made of), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        if name.rpartition(".")[2] not in CALIBRATED:
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _teacher(snn: SpikingModel) -> nn.Module:
@@ -475,8 +492,9 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: Dict[str, torch.T
     optimizer.load_state_dict(state)
 
 
-def _write_checkpoint(snn, optimizer, o, epochs, step, position, history, report) -> None:
-    """The SNN (loadable with ``load``) plus what resuming needs: optimiser state, RNG state, position."""
+def _write_checkpoint(snn, optimizer, o, epochs, step, position, history, report, origin: str) -> None:
+    """The SNN (loadable with ``load``) plus what resuming needs: optimiser state, RNG state, position, and the
+    fingerprint of the network the run started from (``_origin``)."""
     tensors = {"rng": torch.get_rng_state()}
     if torch.cuda.is_available() and next(snn.net.parameters()).is_cuda:
         tensors["cuda_rng"] = torch.cuda.get_rng_state()
@@ -484,7 +502,8 @@ def _write_checkpoint(snn, optimizer, o, epochs, step, position, history, report
         for name, value in param_state.items():
             tensors[f"optim/{index}/{name}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
     meta = {"epoch": position[0], "batch": position[1], "step": step, "epochs": epochs,
-            "history": history, "seconds": report["seconds"], "options": {k: o[k] for k in RESULT_OPTIONS}}
+            "history": history, "seconds": report["seconds"], "options": {k: o[k] for k in RESULT_OPTIONS},
+            "origin": origin}
     snn.finetune_report = report
     was_training = snn.net.training
     save(snn, Path(o["checkpoint_path"]), training_state=(tensors, meta))

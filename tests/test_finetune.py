@@ -283,6 +283,21 @@ def test_max_steps_then_resume_equals_one_run(tmp_path):
         assert torch.equal(v, rest.net.state_dict()[k]), k
 
 
+def test_resume_with_a_teacher_refuses_another_starting_network(tmp_path):
+    """The distillation teacher is the network passed in: resuming into the fine-tuned network itself (whose
+    exact analog mode is no longer the ANN) is refused; a fresh conversion resumes."""
+    data = _data(32)
+    common = dict(epochs=2, batch_size=8, distill=0.5, progress=False)
+    snn = _snn()
+    ckpt = tmp_path / "ft.safetensors"
+    finetune(snn, data, max_steps=3, checkpoint_path=ckpt, **common)
+    with pytest.raises(ValueError, match="not the one this fine-tuning started from"):
+        finetune(snn, data, resume=ckpt, **common)
+    fresh = _snn()
+    finetune(fresh, data, resume=ckpt, **common)
+    assert fresh.finetune_report["complete"]
+
+
 def test_finetuned_checkpoint_loads_and_evaluates(tmp_path):
     snn = _snn(T=3)
     ckpt = tmp_path / "ft.safetensors"
