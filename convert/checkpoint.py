@@ -166,9 +166,9 @@ def load(path, device: str = "cpu"):
     return snn.to(device)
 
 
-def load_training_state(path, snn) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """Weights of a fine-tuning checkpoint into ``snn`` (which must be the same conversion), and its
-    optimiser tensors and progress metadata."""
+def load_training_state(path, snn, origin: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Weights of a fine-tuning checkpoint into ``snn`` (which must be the same conversion and, given its
+    ``origin`` fingerprint, the network the run started from), and its optimiser tensors and progress metadata."""
     from safetensors.torch import load_file
     path = Path(path).expanduser()
     config = read_metadata(path)
@@ -181,6 +181,10 @@ def load_training_state(path, snn) -> Tuple[Dict[str, torch.Tensor], dict]:
         diff = [k for k in ours if json.loads(json.dumps(ours[k])) != theirs[k]]
         raise ValueError(f"cannot resume from {path}: it was fine-tuned from another conversion "
                          f"(its {' and '.join(diff)} differ from this network's)")
+    if origin is not None and config["finetune_state"].get("origin", origin) != origin:  # older files: not recorded
+        raise ValueError(f"cannot resume from {path}: the network passed in is not the one this fine-tuning started "
+                         f"from (its weights differ), and the distillation teacher is taken from it; pass a fresh "
+                         f"conversion with the same options")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:

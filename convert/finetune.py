@@ -234,11 +234,8 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
     origin = _origin(snn.net)
     resume_meta, resume_tensors = {"epoch": 0, "batch": 0, "step": 0, "history": [], "origin": origin}, {}
     if o["resume"]:
-        resume_tensors, resume_meta = load_training_state(o["resume"], snn)
-        if teacher is not None and resume_meta.get("origin", origin) != origin:  # older checkpoints: not recorded
-            raise ValueError(f"cannot resume from {o['resume']}: the network passed in is not the one this "
-                             f"fine-tuning started from (its weights differ), and the distillation teacher is taken "
-                             f"from it; pass a fresh conversion with the same options")
+        # with a teacher, the network passed in must be the run's start: the teacher is made from it
+        resume_tensors, resume_meta = load_training_state(o["resume"], snn, origin if teacher is not None else None)
         written = {k: resume_meta["options"].get(k, FINETUNE_DEFAULTS[k]) for k in RESULT_OPTIONS}  # older: defaults
         if written != {k: o[k] for k in RESULT_OPTIONS} \
                 or resume_meta["epochs"] != epochs:

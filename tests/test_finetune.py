@@ -291,8 +291,10 @@ def test_resume_with_a_teacher_refuses_another_starting_network(tmp_path):
     snn = _snn()
     ckpt = tmp_path / "ft.safetensors"
     finetune(snn, data, max_steps=3, checkpoint_path=ckpt, **common)
+    before = {k: v.clone() for k, v in snn.net.state_dict().items()}
     with pytest.raises(ValueError, match="not the one this fine-tuning started from"):
         finetune(snn, data, resume=ckpt, **common)
+    assert all(torch.equal(v, before[k]) for k, v in snn.net.state_dict().items())  # left unchanged
     fresh = _snn()
     finetune(fresh, data, resume=ckpt, **common)
     assert fresh.finetune_report["complete"]
