@@ -155,3 +155,20 @@ def test_constant_norm_network_converges_to_its_analog_network(config):
             out = run_steps(snn.net, x, T, "m").reshape(T, *target.shape).mean(0)
         errors[T] = float((out - target).norm() / target.norm())
     assert errors[64] < 0.35 * errors[4] and errors[64] < 0.1, errors
+
+
+@pytest.mark.parametrize("name", ["swin", "swinv2", "eva02", "cait", "aimv2_swiglu", "siglip_map_head"])
+def test_constant_norm_on_other_families(name):
+    """Windowed, post-norm, class-attention, RMSNorm and attention-pooling families: their token norms are
+    replaced, exact analog mode is the ANN, step equals multi-step."""
+    from models.families import tiny
+    ann, size = tiny(name)
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
+    snn = convert(ann, x, timesteps=3, norm="constant", progress=False)
+    norms = _norms(snn.net)
+    assert norms and all(m.norm_gain is not None for _, m in norms)
+    with torch.no_grad():
+        with analog_mode(snn.net, exact=True):
+            torch.testing.assert_close(snn.net(x), ann(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(run_steps(snn.net, x, 3, "s"), run_steps(snn.net, x, 3, "m"), rtol=1e-4,
+                                   atol=1e-4)
