@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from torch.utils.data import Subset
 
-from benchmarks.core import calibration_images, fidelity, machine_info
+from benchmarks.core import calibration_images, command_line, fidelity, machine_info
 from models.data import fashion_mnist
 from models.zoo import create_ann
 
@@ -62,7 +61,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     results = run(args.eval_images)
-    results["command"] = "python -m benchmarks.calibration " + " ".join(sys.argv[1:])
+    results["command"] = command_line("benchmarks.calibration")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "calibration.json").write_text(json.dumps(results, indent=2))
 

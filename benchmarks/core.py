@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -33,6 +34,11 @@ def calibration_images(n: int = 512, seed: int = 0) -> torch.Tensor:
     train = fashion_mnist("train").dataset
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
     return train.tensors[0][idx]
+
+
+def command_line(module: str, skip=()) -> str:
+    """This process's command line as ``python -m module ...``, quoted so that it can be pasted into a shell."""
+    return shlex.join(["python", "-m", module, *(a for a in sys.argv[1:] if a not in skip)])
 
 
 def machine_info(data_source: str) -> dict:
@@ -116,7 +122,7 @@ def main() -> None:
     test_data = fashion_mnist("test")
     test = test_data.dataset if args.eval_images is None else Subset(test_data.dataset, range(args.eval_images))
     calib = calibration_images()
-    results = {**machine_info(test_data.source), "command": "python -m benchmarks.core " + " ".join(sys.argv[1:]),
+    results = {**machine_info(test_data.source), "command": command_line("benchmarks.core"),
                "fidelity": {}}
     for levels in args.levels:
         results["fidelity"][f"L={levels}"] = fidelity(ann, calib, test, args.max_t, levels)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from benchmarks.core import calibration_images, machine_info
+from benchmarks.core import calibration_images, command_line, machine_info
 from convert import convert
 from convert.evaluate import evaluate
 from convert.plots import png_bytes
@@ -39,7 +39,7 @@ def run(models, timesteps, levels, levels_max_t, eval_images) -> dict:
     test = test_data.dataset if eval_images is None else Subset(test_data.dataset, range(eval_images))
     loader = DataLoader(test, batch_size=250)
     calib = calibration_images()
-    command = "python -m benchmarks.generalization " + " ".join(sys.argv[1:])
+    command = command_line("benchmarks.generalization")
     out = {"models": {}}
     for name in models:
         ann = create_ann(name)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 
-from benchmarks.core import calibration_images, machine_info
+from benchmarks.core import calibration_images, command_line, machine_info
 from convert import convert, energy_report, load, save
 from models.data import fashion_mnist
 from models.zoo import create_ann
@@ -88,7 +88,7 @@ def benchmark_main(name: str, doc: str, run_full, run_quick, markdown, add_argum
         res = json.loads(path.read_text())
     else:
         res = run_quick(args) if args.quick else run_full(args)
-        res["command"] = f"python -m benchmarks.{name} " + " ".join(a for a in sys.argv[1:] if a != "--render")
+        res["command"] = command_line(f"benchmarks.{name}", skip=("--render",))
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res, indent=2))
     write_section(args.markdown, markdown(res, res.get("command", f"python -m benchmarks.{name}").strip()))
@@ -104,7 +104,7 @@ def main() -> None:
     res = run(args.images)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "outputs.json").write_text(json.dumps(res, indent=2))
-    write_section(args.markdown, markdown(res, "python -m benchmarks.outputs " + " ".join(sys.argv[1:])))
+    write_section(args.markdown, markdown(res, command_line("benchmarks.outputs")))
 
 
 if __name__ == "__main__":

@@ -22,14 +22,13 @@ A part run with 0 (``--epochs 0`` or ``--ablation-steps 0``) keeps the saved res
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from torch.utils.data import DataLoader, Subset
 
-from benchmarks.core import accuracy_and_energy, calibration_images, machine_info
+from benchmarks.core import accuracy_and_energy, calibration_images, command_line, machine_info
 from benchmarks.outputs import benchmark_main
 from benchmarks.recipes import measure
 from convert import convert, energy_report, finetune
@@ -214,7 +213,7 @@ def main() -> None:
                           ("epochs", args.epochs and (lambda: epochs_run(args.variants, args.epochs, args.eval_images,
                                                                            recipe=_recipe(args.recipe))))):
             if run:  # the variants (and ablation rows) run replace theirs in the saved results; the others stay
-                new = {**run(), "command": "python -m benchmarks.softmax_free " + " ".join(sys.argv[1:])}
+                new = {**run(), "command": command_line("benchmarks.softmax_free")}
                 old = res.get(part, {}).get("variants", {})
                 if part == "ablation":
                     new["variants"] = {n: {**old.get(n, {}), **rows} for n, rows in new["variants"].items()}
