@@ -201,8 +201,11 @@ def test_full_disk_is_reported_and_earlier_outputs_stay(tmp_path, capsys, monkey
 
 
 def _cli(*args, **kwargs):
+    """The CLI in a child process that answers Ctrl-C as a terminal user's would: a shell starts background jobs
+    with SIGINT ignored, which the child would inherit (and then run to the end on SIGINT)."""
     return subprocess.Popen([sys.executable, "-m", "convert", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, **kwargs)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
 def test_interrupted_finetuning_stops_cleanly_and_resumes_exactly(tmp_path, sig=signal.SIGTERM):
