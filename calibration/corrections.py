@@ -176,10 +176,10 @@ def constant_norms(net: nn.Module, batches: List[torch.Tensor], prefix_tokens: i
             for h in handles:
                 h.remove()
         gain, shift, explained = _least_squares(all_reduce(sums).transpose(0, 1))
-        like = norm.norm.weight if getattr(norm.norm, "weight", None) is not None else b
-        rows = (lambda t: t[0]) if gain.shape[0] == 1 else (lambda t: t)  # one group: [C]; else [P + 1, C]
-        norm.norm_gain = nn.Parameter(rows(gain).to(like))
-        norm.norm_shift = nn.Parameter(rows(shift).to(like))
+        if gain.shape[0] == 1:  # one token group: [C]; else [P + 1, C] rows
+            gain, shift = gain[0], shift[0]
+        norm.norm_gain = nn.Parameter(gain.to(b))
+        norm.norm_shift = nn.Parameter(shift.to(b))
         report[names[norm]] = {"mean_gain": float(gain.mean()), "explained_variance": float(explained)}
     return report
 

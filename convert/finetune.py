@@ -231,11 +231,10 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
     total = epochs * len(batches)
     teacher = _teacher(snn) if o["distill"] > 0 or o["feature_distill"] > 0 else None
 
-    origin = _origin(snn.net)
-    resume_meta, resume_tensors = {"epoch": 0, "batch": 0, "step": 0, "history": [], "origin": origin}, {}
+    origin = _origin(snn.net) if teacher is not None else None  # the teacher is made from the network passed in
+    resume_meta, resume_tensors = {"epoch": 0, "batch": 0, "step": 0, "history": []}, {}
     if o["resume"]:
-        # with a teacher, the network passed in must be the run's start: the teacher is made from it
-        resume_tensors, resume_meta = load_training_state(o["resume"], snn, origin if teacher is not None else None)
+        resume_tensors, resume_meta = load_training_state(o["resume"], snn, origin)
         written = {k: resume_meta["options"].get(k, FINETUNE_DEFAULTS[k]) for k in RESULT_OPTIONS}  # older: defaults
         if written != {k: o[k] for k in RESULT_OPTIONS} \
                 or resume_meta["epochs"] != epochs:
@@ -300,8 +299,7 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
                 due = step in (total, o["max_steps"]) or (o["checkpoint_every"] and step % o["checkpoint_every"] == 0)
                 if o["checkpoint_path"] and is_main() and due:
                     report = _report(o, epochs, step, total, history, T, elapsed + time.time() - start)
-                    _write_checkpoint(snn, optimizer, o, epochs, step, position, history, report,
-                                      resume_meta.get("origin", origin))
+                    _write_checkpoint(snn, optimizer, o, epochs, step, position, history, report, origin)
                 if step == o["max_steps"]:
                     break
             if step == o["max_steps"]:
@@ -489,9 +487,9 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: Dict[str, torch.T
     optimizer.load_state_dict(state)
 
 
-def _write_checkpoint(snn, optimizer, o, epochs, step, position, history, report, origin: str) -> None:
-    """The SNN (loadable with ``load``) plus what resuming needs: optimiser state, RNG state, position, and the
-    fingerprint of the network the run started from (``_origin``)."""
+def _write_checkpoint(snn, optimizer, o, epochs, step, position, history, report, origin: Optional[str]) -> None:
+    """The SNN (loadable with ``load``) plus what resuming needs: optimiser state, RNG state, position, and, for
+    a run with a teacher, the fingerprint of the network it started from (``_origin``)."""
     tensors = {"rng": torch.get_rng_state()}
     if torch.cuda.is_available() and next(snn.net.parameters()).is_cuda:
         tensors["cuda_rng"] = torch.cuda.get_rng_state()

@@ -11,9 +11,10 @@ and trained with the weights. Linear in x, so it needs no expectation compensati
 neuron that reads it: a neuron with threshold theta on gain * x + shift fires as one with threshold
 theta / gain on x + shift / gain (a bias current) and sends the same counts; the energy count gives it
 no MAC. (In a post-norm block, whose norm output joins the residual stream, it folds into the weights
-and bias of the layer before it instead, one copy per prefix-token row.) Until fitted, and in analog mode with ``exact`` (the reference, the distillation teacher), it
-computes the norm it replaces (kept, frozen, as ``norm``); ``blend`` in [0, 1) mixes the two during
-fine-tuning: blend * (gain * x + shift) + (1 - blend) * norm(x).
+and bias of the layer before it instead, one copy per prefix-token row.) Until fitted, and in analog
+mode with ``exact`` (the reference, the distillation teacher), it computes the norm it replaces (kept,
+frozen, as ``norm``); ``blend`` in [0, 1) mixes the two during fine-tuning:
+blend * (gain * x + shift) + (1 - blend) * norm(x).
 """
 from __future__ import annotations
 
