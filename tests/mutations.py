@@ -107,7 +107,7 @@ MUTATIONS: List[Mutation] = [
     Mutation("constant-norm-counted-as-mac", "convert/energy.py", "spiking_cost=not isinstance(m, ConstantNorm)",
              "spiking_cost=True", ("tests/test_normalization.py::-k costs_no_mac",)),
     Mutation("resume-teacher-unchecked", "convert/finetune.py",
-             'origin if teacher is not None else None)', "None)",
+             "load_training_state(o[\"resume\"], snn, origin)", "load_training_state(o[\"resume\"], snn, None)",
              ("tests/test_finetune.py::-k another_starting_network",)),
     Mutation("blend-ignores-lambda", "convert/finetune.py", "        if module.analog or self.value >= 1:\n",
              "        if True:\n", ("tests/test_variants.py::-k blend_at_zero",)),
