@@ -61,7 +61,7 @@ def _step_differences(totals: torch.Tensor) -> torch.Tensor:
     """[T, B, ...] totals -> the increments totals[t] - totals[t - 1] (the first row kept)."""
     if torch.is_grad_enabled():  # not in place: softmax's backward needs its output
         diff = totals.clone()
-        diff[1:] -= totals[:-1]
+        diff[1:].sub_(totals[:-1])
         return diff
     for i in range(totals.shape[0] - 1, 0, -1):  # last row first, so every row subtracts an unchanged one
         totals[i].sub_(totals[i - 1])

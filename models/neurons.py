@@ -20,7 +20,9 @@ rate-coded outputs.
 Training (fine-tuning over T): with a ``surrogate`` set and gradients enabled, the
 forward value stays exactly k while the gradient is that of a smooth or linear
 stand-in g(u) for the staircase k(u) (``k = fire(u) + g(u) - g(u).detach()``); the
-reset uses k detached, so gradients flow through the membrane but not the reset.
+reset uses k detached, so gradients flow through the membrane but not the reset. In multi-step
+mode a neuron's T steps are one autograd Function (``NeuronSequence``) whose backward pass computes
+these gradients in closed form.
 """
 from __future__ import annotations
 
@@ -122,12 +124,13 @@ class BaseNeuron(StatefulModule):
         self.level = None
         self._prior = None
 
-    def _integrate(self, u: Optional[torch.Tensor], x: torch.Tensor, theta: torch.Tensor):
+    def _integrate(self, u: Optional[torch.Tensor], x: torch.Tensor, theta: torch.Tensor,
+                   pre: Optional[torch.Tensor] = None):
         """One step: u <- leak * u + x / theta; returns the new membrane and the integer levels k.
 
         Without autograd it runs in place on ``u`` (which the neuron owns) with fused updates: the same
         operations in the same order (addcdiv is u + x / theta), so bitwise the same values, without
-        temporaries."""
+        temporaries; ``pre`` (in place only) receives the membrane before the reset."""
         inplace = not torch.is_grad_enabled()
         if u is None:
             u = (x / theta).add_(self.v_init) if inplace else x / theta + self.v_init
@@ -136,6 +139,8 @@ class BaseNeuron(StatefulModule):
         else:
             u = (u * self.leak if self.leak != 1.0 else u) + x / theta
         k, k_reset = self._levels(u)
+        if pre is not None:
+            pre.copy_(u)
         if inplace:
             u = u.masked_fill_(k_reset != 0, 0.0) if self.hard_reset else u.sub_(k_reset)
         else:
@@ -177,23 +182,26 @@ class BaseNeuron(StatefulModule):
         self.u, k = self._integrate(self.u, x, theta)
         return k * theta if torch.is_grad_enabled() else k.mul_(theta)
 
+    def run_sequence(self, xs: torch.Tensor, theta: torch.Tensor, pre: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Steps 1..T of unfolded inputs ``xs`` [T, B, ...] from a reset membrane, without autograd: every step
+        writes k * theta straight into its slice of the output (``pre``: see ``_integrate``)."""
+        u, out = None, torch.empty_like(xs)
+        for t in range(xs.shape[0]):
+            u, k = self._integrate(u, xs[t], theta, None if pre is None else pre[t])
+            torch.mul(k, theta, out=out[t])
+        return out
+
     def multi_step(self, x: torch.Tensor) -> torch.Tensor:
         if self.analog:
             return self.single_step(x)
         theta = self.theta(x)
         xs = self.unfold(x)
-        u, self.level = None, None  # one multi-step call covers steps 1..T from a reset state
-        if not torch.is_grad_enabled():  # every step writes k * theta straight into its slice of the output
-            out = torch.empty_like(xs)
-            for t in range(xs.shape[0]):
-                u, k = self._integrate(u, xs[t], theta)
-                torch.mul(k, theta, out=out[t])
+        self.level = None  # one multi-step call covers steps 1..T from a reset state
+        if torch.is_grad_enabled() and (x.requires_grad or theta.requires_grad):
+            out = NeuronSequence.apply(xs, theta, self)
         else:
-            steps = []
-            for t in range(xs.shape[0]):
-                u, k = self._integrate(u, xs[t], theta)
-                steps.append(k * theta)
-            out = torch.stack(steps)
+            with torch.no_grad():
+                out = self.run_sequence(xs, theta)
         if self.coding == "differential":  # the previous step's output under each step's, for sent()
             self._prior = self.fold(torch.cat([torch.zeros_like(out[:1]), out[:-1].detach()]))
             self.level = None
@@ -297,6 +305,58 @@ class TernaryNeuron(BaseNeuron):
         return [(-0.5, 1.0), (0.5, 1.0)]
 
 
+class NeuronSequence(torch.autograd.Function):
+    """A neuron's T steps with the backward pass through time in closed form (fine-tuning in multi-step mode).
+
+    The forward pass is the in-place simulation, keeping only the membranes u(t) before each reset. With
+    G(t) = dL/dout(t), g the surrogate and m(t) = 1 (reset by subtraction) or [k(t) = 0] (hard reset):
+
+        d(t) = dL/du(t) = G(t) theta g'(u(t)) + leak m(t) d(t + 1)
+        dL/dx(t) = d(t) / theta,   dL/dtheta = sum_t (G(t) out(t) - dL/dx(t) x(t)) / theta
+
+    which is what autograd computes through the step-by-step graph (k = fire(u) + g(u) - g(u).detach(),
+    the reset with k detached, out = k theta), without its per-step temporaries."""
+
+    @staticmethod
+    def forward(ctx, xs: torch.Tensor, theta: torch.Tensor, neuron: "BaseNeuron") -> torch.Tensor:
+        pre = torch.empty_like(xs)
+        out = neuron.run_sequence(xs, theta, pre)
+        ctx.neuron = neuron
+        ctx.save_for_backward(xs, theta, pre, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        xs, theta, pre, out = ctx.saved_tensors
+        neuron = ctx.neuron
+        grad_x = torch.empty_like(xs)
+        acc = torch.zeros_like(xs[0]) if ctx.needs_input_grad[1] else None  # sum_t G out - dL/dx x
+        for t in range(xs.shape[0] - 1, -1, -1):  # one step at a time: its tensors stay in cache
+            d = torch.mul(grad_out[t], theta, out=grad_x[t])
+            if neuron.surrogate is None:  # the staircase alone: no gradient through the membrane
+                d.zero_()
+            else:
+                neuron.surrogate.scale_by_slope(d, pre[t], neuron.jumps())
+            if t + 1 < xs.shape[0]:  # d(t + 1), then dL/dx(t + 1) = d(t + 1) / theta
+                later = grad_x[t + 1]
+                if neuron.hard_reset:
+                    d.addcmul_(later, out[t] == 0, value=neuron.leak)
+                else:
+                    d.add_(later, alpha=neuron.leak)
+                _finish_step(later, theta, grad_out[t + 1], out[t + 1], xs[t + 1], acc)
+        _finish_step(grad_x[0], theta, grad_out[0], out[0], xs[0], acc)
+        grad_theta = None if acc is None else acc.sum_to_size(theta.shape) / theta
+        return grad_x, grad_theta, None
+
+
+def _finish_step(d: torch.Tensor, theta: torch.Tensor, grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
+                 acc: Optional[torch.Tensor]) -> None:
+    """d(t) -> dL/dx(t) = d(t) / theta in place; acc += G(t) out(t) - dL/dx(t) x(t)."""
+    d.div_(theta)
+    if acc is not None:
+        acc.addcmul_(grad_out, out).addcmul_(d, x, value=-1)
+
+
 class Surrogate:
     """The stand-in g(u) whose gradient replaces the staircase's, built from its (position, height) steps.
 
@@ -318,6 +378,18 @@ class Surrogate:
             (first, h_first), (last, h_last) = jumps[0], jumps[-1]
             return torch.clamp(u, first - h_first, last + h_last)
         return sum(h * torch.sigmoid(self.alpha * (u - c)) for c, h in jumps)
+
+    def scale_by_slope(self, d: torch.Tensor, u: torch.Tensor, jumps: List[Tuple[float, float]]) -> torch.Tensor:
+        """d * g'(u) in place: g' = 1 inside the neuron's range, else 0 (``ste``), or
+        sum_j h_j alpha s_j (1 - s_j) with s_j = sigmoid(alpha (u - c_j)) (``sigmoid``)."""
+        if self.kind == "ste":
+            (first, h_first), (last, h_last) = jumps[0], jumps[-1]
+            return d.masked_fill_(torch.lt(u, first - h_first).logical_or_(u > last + h_last), 0.0)
+        slope = torch.zeros_like(u)
+        for c, h in jumps:
+            s = torch.sigmoid(self.alpha * (u - c))
+            slope += h * self.alpha * s * (1 - s)
+        return d.mul_(slope)
 
 
 NEURONS = {

@@ -1,6 +1,7 @@
 """The fused simulation path (in place, no temporaries; taken whenever autograd is off) computes bitwise what
-the reference path computes (out of place; taken under autograd, the fine-tuning path), and no output, once
-returned, is changed by a later step."""
+the reference path computes (out of place; taken under autograd), and no output, once returned, is changed by
+a later step. The fine-tuning path (a neuron's T steps as one autograd Function with its backward pass in
+closed form) gives the step-by-step graph's outputs bitwise and its gradients."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -8,6 +9,7 @@ from torch import nn
 
 from benchmarks import speed
 from models.ecm import ExpectationCompensation, SpikeProduct
+from models.neurons import Surrogate
 from models.families import tiny
 from models.state import reset_net, run_steps, set_step_mode
 from tests.test_ecm import FUNCTIONS, _randomise
@@ -65,6 +67,51 @@ def test_fused_neuron_is_bitwise_the_reference(idx, T, mode, shape, kind, seed):
     fused, reference, taken = _both_paths(neuron, [xs], mode)
     assert torch.equal(fused, reference)
     assert all(torch.equal(a, b) for a, b in zip(taken, fused))
+
+
+def _outputs_and_gradients(neuron, xs, grad_out, mode):
+    """Outputs [T, ...] and the gradients of sum(outputs * grad_out) for the inputs and the threshold."""
+    T = len(xs)
+    x = xs.clone().requires_grad_(True)
+    neuron.threshold.requires_grad_(True)
+    neuron.threshold.grad = None
+    reset_net(neuron)
+    set_step_mode(neuron, mode, T)
+    if mode == "m":
+        out = neuron(x.reshape(T * x.shape[1], *x.shape[2:])).reshape(x.shape)
+    else:
+        out = torch.stack([neuron(x[t]) for t in range(T)])
+    (out * grad_out).sum().backward()
+    reset_net(neuron)
+    zero = torch.zeros_like  # no gradient reached it (a staircase without surrogate)
+    grads = [zero(p) if p.grad is None else p.grad for p in (x, neuron.threshold)]
+    return out.detach(), *grads
+
+
+@settings(max_examples=80, deadline=None)
+@given(idx=st.integers(0, len(NEURONS) - 1), T=st.integers(1, 9), shape=st.lists(st.integers(1, 5), min_size=2, max_size=4),
+       kind=st.sampled_from(["scalar", "last", "axis1", "rows"]), surrogate=st.sampled_from(Surrogate.KINDS + (None,)),
+       coding=st.sampled_from(["rate", "differential", "hysteresis"]), seed=st.integers(0, 10_000))
+def test_fused_backward_through_time_is_the_step_by_step_gradient(idx, T, shape, kind, surrogate, coding, seed):
+    """Multi-step fine-tuning (NeuronSequence) against autograd through the step-mode graph, in float64:
+    the same outputs bitwise, the same gradients for the inputs and the threshold (any shape)."""
+    gen = torch.Generator().manual_seed(seed)
+    neuron = NEURONS[idx]().double()
+    if coding != "rate":
+        if neuron.leak != 1.0 or neuron.hard_reset:
+            coding = "rate"  # differential coding refuses leaky / hard-reset neurons
+        else:
+            neuron.set_coding("differential", 0.5 if coding == "hysteresis" else 0.0)
+    _shaped_threshold(neuron, shape, kind, gen)
+    neuron.double()
+    neuron.surrogate = None if surrogate is None else Surrogate(surrogate)
+    xs = torch.randn(T, *shape, generator=gen, dtype=torch.float64) * 2 * neuron.max_level
+    grad_out = torch.randn(T, *shape, generator=gen, dtype=torch.float64)
+    fused = _outputs_and_gradients(neuron, xs, grad_out, "m")
+    reference = _outputs_and_gradients(neuron, xs, grad_out, "s")
+    assert torch.equal(fused[0], reference[0])
+    torch.testing.assert_close(fused[1], reference[1], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fused[2], reference[2], rtol=1e-9, atol=1e-12)
 
 
 @settings(max_examples=40, deadline=None)
