@@ -1,7 +1,7 @@
 """Simulation speed: images/s and the cost of one SNN timestep relative to one ANN forward.
 
     python -m benchmarks.speed [--models vit_fmnist vit_base_patch16_224] [--device cuda] [--batch 64 8]
-                               [--timesteps 1 4 16] [--bf16] [--quick]
+                               [--timesteps 1 4 16] [--bf16] [--finetune-timesteps 1 2 4 8] [--quick]
 
 For every model (a reference model from models/zoo.py with its weights and Fashion-MNIST images, or any
 timm name with random weights and random images at its own input size) and its batch size: one conversion
@@ -14,7 +14,9 @@ type (self time from forward hooks, at the largest T, both modes), and with ``--
 effect on predictions of running the analog layers under bfloat16 autocast. With ``--peer-images N``
 (vit_fmnist, Fashion-MNIST test images): the seconds of our whole accuracy-vs-T curve for T = 1..16 (one
 anytime run, ANN reference included) against SpikingJelly's STA recipe evaluating T=16 alone on the same
-weights and images (benchmarks.peers), in the same process.
+weights and images (benchmarks.peers), in the same process. With ``--finetune-timesteps``: seconds per
+fine-tuning step (forward over T, backward through time, AdamW update) at each T for the first model, and
+the seconds of one Fashion-MNIST epoch (60,000 images) at that rate.
 Writes benchmarks/results/speed[-quick].json and the ``speed`` section of BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -158,6 +160,32 @@ def bf16_effect(snn, x, T: int, device: str, repeats: int) -> dict:
     return out
 
 
+EPOCH_IMAGES = 60_000  # one Fashion-MNIST training epoch
+
+
+def finetune_timing(name: str, batch: int, timesteps, device: str = "cpu", steps: int = 3, repeats: int = 3) -> dict:
+    """Best of ``repeats`` interleaved timings of ``steps`` fine-tuning steps (batch ``batch``, default options)
+    at every T, one conversion per T; seconds per step and per epoch of EPOCH_IMAGES images."""
+    from convert.finetune import finetune
+    torch.manual_seed(0)
+    ann, x = model_and_images(name, batch, device)
+    data = (x.repeat(steps, *([1] * (x.dim() - 1))), torch.randint(0, ann.num_classes, (steps * batch,)))
+    snns = {T: convert(ann, x, timesteps=T, progress=False) for T in timesteps}
+
+    def train(T, n):
+        finetune(snns[T], (data[0][:n * batch], data[1][:n * batch]), batch_size=batch, progress=False)
+
+    for T in timesteps:
+        train(T, 1)  # warm-up
+    best = {T: float("inf") for T in timesteps}
+    for _ in range(repeats):
+        for T in timesteps:
+            best[T] = min(best[T], _seconds(lambda: train(T, steps), device) / steps)
+    return {"model": name, "batch": batch, "steps": steps,
+            "timesteps": {str(T): {"step_s": best[T], "epoch_s": best[T] * -(-EPOCH_IMAGES // batch)}
+                          for T in timesteps}}
+
+
 def peer_timing(images: int, T: int = 16) -> dict:
     """Seconds of our T = 1..T curve vs SpikingJelly's single-T evaluation, vit_fmnist, same images."""
     from torch.utils.data import Subset
@@ -179,7 +207,7 @@ def peer_timing(images: int, T: int = 16) -> dict:
 
 
 def run(models, batches, timesteps, device="cpu", repeats=3, profile=True, memory=True, bf16=False,
-        peer_images=0) -> dict:
+        peer_images=0, finetune_timesteps=()) -> dict:
     if len(batches) not in (1, len(models)):
         raise SystemExit(f"--batch takes one size or one per model ({len(models)}), got {len(batches)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -193,6 +221,8 @@ def run(models, batches, timesteps, device="cpu", repeats=3, profile=True, memor
                       for name, b in zip(models, batches)}}
     if peer_images:
         res["peer"] = peer_timing(peer_images)
+    if finetune_timesteps:
+        res["finetune"] = finetune_timing(models[0], batches[0], list(finetune_timesteps), device, repeats=repeats)
     return res
 
 
@@ -240,6 +270,12 @@ def markdown(res: dict, command: str) -> str:
                   f"{p['ratio']:.2f}x the {p['spikingjelly_evaluate_s']:.1f} s of SpikingJelly's STA recipe evaluating "
                   f"T={p['T']} alone (top-1 at T={p['T']}: ours {p['ours_top1_at_T']:.2f}, SpikingJelly "
                   f"{p['spikingjelly_top1']:.2f})."]
+    if "finetune" in res:
+        f = res["finetune"]
+        lines += ["", f"Fine-tuning ({f['model']}, batch {f['batch']}, default options; best of interleaved timings "
+                  f"of {f['steps']} steps; an epoch is {EPOCH_IMAGES:,} images at that rate):", "",
+                  "| T | s per step | s per epoch |", "|---|---|---|"]
+        lines += [f"| {T} | {v['step_s']:.3f} | {v['epoch_s']:.0f} |" for T, v in f["timesteps"].items()]
     return "\n".join(lines + ["", END]) + "\n"
 
 
@@ -252,14 +288,18 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--peer-images", type=int, default=0,
                         help="also time the T=1..16 curve against SpikingJelly's T=16 on this many test images")
+    parser.add_argument("--finetune-timesteps", type=int, nargs="*", default=[1, 2, 4, 8],
+                        help="time fine-tuning steps of the first model at these T (none: skip)")
 
 
 def main() -> None:
     def full(a):
-        return run(a.models, a.batch, a.timesteps, a.device, a.repeats, bf16=a.bf16, peer_images=a.peer_images)
+        return run(a.models, a.batch, a.timesteps, a.device, a.repeats, bf16=a.bf16, peer_images=a.peer_images,
+                   finetune_timesteps=a.finetune_timesteps)
 
     def quick(a):  # seconds: the small reference model, small batch, no memory probes
-        return run(["vit_fmnist"], [8], (1, 2), a.device, repeats=1, memory=False, bf16=a.bf16)
+        return run(["vit_fmnist"], [8], (1, 2), a.device, repeats=1, memory=False, bf16=a.bf16,
+                   finetune_timesteps=(1, 2))
 
     benchmark_main("speed", __doc__, run_full=full, run_quick=quick, markdown=markdown, add_arguments=_arguments)
 
