@@ -1,13 +1,14 @@
 """Simulation speed: images/s and the cost of one SNN timestep relative to one ANN forward.
 
     python -m benchmarks.speed [--models vit_fmnist vit_base_patch16_224] [--device cuda] [--batch 64 8]
-                               [--timesteps 1 4 16] [--bf16] [--finetune-timesteps 1 2 4 8] [--quick]
+                               [--timesteps 1 4 16] [--chunk 4] [--bf16] [--finetune-timesteps 1 2 4 8]
+                               [--quick]
 
 For every model (a reference model from models/zoo.py with its weights and Fashion-MNIST images, or any
 timm name with random weights and random images at its own input size) and its batch size: one conversion
 with the default options, then, in the same process and interleaved so that drifts of the machine hit
 both alike, the best of ``--repeats`` timings of one ANN forward and of ``simulate`` for every T in step
-('s') and multi-step ('m') mode. Reported per (mode, T): images/s and the per-step ratio
+('s') and multi-step ('m') mode, and multi-step in chunks of ``--chunk`` steps (the state carried between calls). Reported per (mode, T): images/s and the per-step ratio
 (simulation seconds / T / ANN forward seconds). Also: peak memory of the simulation (CUDA: the allocator's
 peak; CPU: the peak resident size of a fresh process running it, VmHWM), where the time goes per module
 type (self time from forward hooks, at the largest T, both modes), and with ``--bf16`` the speed and the
@@ -26,7 +27,7 @@ import collections
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -36,7 +37,17 @@ from convert import convert
 from models.zoo import FMNIST_MODELS, create_ann
 
 BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
-MODES = ("s", "m")
+MODES = ("s", "m")  # step, multi-step; "m<c>": multi-step in chunks of c steps (--chunk)
+
+
+def split_mode(mode: str):
+    """'s', 'm' or 'm<c>' -> (step_mode, chunk)."""
+    return mode[0], (int(mode[1:]) if len(mode) > 1 else None)
+
+
+def mode_label(mode: str) -> str:
+    step_mode, chunk = split_mode(mode)
+    return "step" if step_mode == "s" else "multi-step" + (f", chunks of {chunk}" if chunk else "")
 
 
 def model_and_images(name: str, batch: int, device: str):
@@ -96,7 +107,8 @@ def peak_memory_mb(name: str, batch: int, mode: str, T: int, device: str) -> flo
     code = ("import re, torch; from benchmarks.speed import model_and_images; from convert import convert;"
             "kb = lambda key: int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1));"
             f"ann, x = model_and_images({name!r}, {batch}, {device!r});"
-            f"snn = convert(ann, x[:2], timesteps={T}, step_mode={mode!r}, progress=False);"
+            f"snn = convert(ann, x[:2], timesteps={T}, step_mode={split_mode(mode)[0]!r}, chunk={split_mode(mode)[1]!r}, "
+            "progress=False);"
             "cuda = x.is_cuda; torch.cuda.reset_peak_memory_stats() if cuda else open('/proc/self/clear_refs', 'w')"
             ".write('5');"
             "base = torch.cuda.memory_allocated() if cuda else kb('VmRSS'); snn.simulate(x);"
@@ -108,29 +120,31 @@ def peak_memory_mb(name: str, batch: int, mode: str, T: int, device: str) -> flo
 
 
 def measure(name: str, batch: int, timesteps, device: str = "cpu", repeats: int = 3, profile: bool = True,
-            memory: bool = True, bf16: bool = False) -> dict:
+            memory: bool = True, bf16: bool = False, chunk: Optional[int] = None) -> dict:
     torch.manual_seed(0)
     ann, x = model_and_images(name, batch, device)
     snn = convert(ann, x, timesteps=max(timesteps), progress=False)
-    best = {"ann": float("inf"), **{(m, T): float("inf") for m in MODES for T in timesteps}}
+    modes = MODES + ((f"m{chunk}",) if chunk else ())
+    best = {"ann": float("inf"), **{(m, T): float("inf") for m in modes for T in timesteps}}
 
     def simulate(mode, T):
-        snn.step_mode = mode
+        snn.step_mode, snn.chunk = split_mode(mode)
         snn.simulate(x, T)
 
     with torch.no_grad():
         ann(x)  # warm-up: first calls allocate and pick kernels
-        for mode in MODES:
+        for mode in modes:
             simulate(mode, min(timesteps))
         for _ in range(repeats):
             best["ann"] = min(best["ann"], _seconds(lambda: ann(x), device))
-            for mode in MODES:
+            for mode in modes:
                 for T in timesteps:
                     best[mode, T] = min(best[mode, T], _seconds(lambda: simulate(mode, T), device))
+    snn.chunk = None
     res = {"batch": batch, "images": "Fashion-MNIST (bundled)" if name in FMNIST_MODELS else "random",
            "input": list(x.shape[1:]), "ann_forward_s": best["ann"], "ann_images_per_s": batch / best["ann"],
            "modes": {m: {str(T): {"simulate_s": best[m, T], "images_per_s": batch / best[m, T],
-                             "per_step_ratio": best[m, T] / T / best["ann"]} for T in timesteps} for m in MODES}}
+                             "per_step_ratio": best[m, T] / T / best["ann"]} for T in timesteps} for m in modes}}
     if profile:
         res["profile"] = {}
         for mode in MODES:
@@ -139,7 +153,7 @@ def measure(name: str, batch: int, timesteps, device: str = "cpu", repeats: int 
     if bf16:
         res["bf16"] = bf16_effect(snn, x, max(timesteps), device, repeats)
     if memory:
-        res["peak_memory_mb"] = {m: {str(T): peak_memory_mb(name, batch, m, T, device) for T in timesteps} for m in MODES}
+        res["peak_memory_mb"] = {m: {str(T): peak_memory_mb(name, batch, m, T, device) for T in timesteps} for m in modes}
     return res
 
 
@@ -207,7 +221,7 @@ def peer_timing(images: int, T: int = 16) -> dict:
 
 
 def run(models, batches, timesteps, device="cpu", repeats=3, profile=True, memory=True, bf16=False,
-        peer_images=0, finetune_timesteps=()) -> dict:
+        peer_images=0, finetune_timesteps=(), chunk=None) -> dict:
     if len(batches) not in (1, len(models)):
         raise SystemExit(f"--batch takes one size or one per model ({len(models)}), got {len(batches)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -217,7 +231,7 @@ def run(models, batches, timesteps, device="cpu", repeats=3, profile=True, memor
     if device.startswith("cuda"):
         info["machine"] += f", {torch.cuda.get_device_name()}"
     res = {**info, "device": device, "timesteps": list(timesteps),
-           "models": {name: measure(name, b, list(timesteps), device, repeats, profile, memory, bf16)
+           "models": {name: measure(name, b, list(timesteps), device, repeats, profile, memory, bf16, chunk)
                       for name, b in zip(models, batches)}}
     if peer_images:
         res["peer"] = peer_timing(peer_images)
@@ -235,12 +249,12 @@ def markdown(res: dict, command: str) -> str:
              "", "| model | batch | ANN images/s | mode | " + " | ".join(f"T={T} ratio (img/s)" for T in Ts)
              + " | peak MB at " + f"T={Ts[-1]} |", "|---|---|---|---|" + "---|" * (len(Ts) + 1)]
     for name, r in res["models"].items():
-        for mode in MODES:
+        for mode in r["modes"]:
             cells = [f"{r['modes'][mode][str(T)]['per_step_ratio']:.2f}x ({r['modes'][mode][str(T)]['images_per_s']:.1f})"
                      for T in Ts]
             peak = r.get("peak_memory_mb", {}).get(mode, {}).get(str(Ts[-1]))
             lines.append(f"| {name} | {r['batch']} | {r['ann_images_per_s']:.1f} | "
-                         f"{'step' if mode == 's' else 'multi-step'} | " + " | ".join(cells)
+                         f"{mode_label(mode)} | " + " | ".join(cells)
                          + f" | {'-' if peak is None else f'{peak:.0f}'} |")
     for name, r in res["models"].items():
         if "profile" not in r:
@@ -259,7 +273,7 @@ def markdown(res: dict, command: str) -> str:
                 lines.append(f"- {name} has random weights: its predictions are near ties, so its bf16 agreement "
                              "says little; the speed-up does")
             for mode, b in r["bf16"].items():
-                lines.append(f"- {name}, bf16 autocast, {'step' if mode == 's' else 'multi-step'}, T={b['T']}: "
+                lines.append(f"- {name}, bf16 autocast, {mode_label(mode)}, T={b['T']}: "
                              f"{b['speedup']:.2f}x the float32 speed, top-1 agreement with float32 "
                              f"{b['top1_agreement']:.1f}%, largest logit error {b['max_logit_error']:.3f} of the "
                              "largest logit")
@@ -288,6 +302,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--peer-images", type=int, default=0,
                         help="also time the T=1..16 curve against SpikingJelly's T=16 on this many test images")
+    parser.add_argument("--chunk", type=int, default=4, help="also time multi-step mode in chunks of this many "
+                        "steps (0: not)")
     parser.add_argument("--finetune-timesteps", type=int, nargs="*", default=[1, 2, 4, 8],
                         help="time fine-tuning steps of the first model at these T (none: skip)")
 
@@ -295,11 +311,11 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 def main() -> None:
     def full(a):
         return run(a.models, a.batch, a.timesteps, a.device, a.repeats, bf16=a.bf16, peer_images=a.peer_images,
-                   finetune_timesteps=a.finetune_timesteps)
+                   finetune_timesteps=a.finetune_timesteps, chunk=a.chunk or None)
 
     def quick(a):  # seconds: the small reference model, small batch, no memory probes
         return run(["vit_fmnist"], [8], (1, 2), a.device, repeats=1, memory=False, bf16=a.bf16,
-                   finetune_timesteps=(1, 2))
+                   finetune_timesteps=(1, 2), chunk=1)
 
     benchmark_main("speed", __doc__, run_full=full, run_quick=quick, markdown=markdown, add_arguments=_arguments)
 

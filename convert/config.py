@@ -108,6 +108,7 @@ class Config:
     launcher: LauncherConfig = MISSING
     timesteps: int = MISSING
     step_mode: str = MISSING
+    chunk: Optional[int] = None
     device: str = MISSING
     seed: int = MISSING
     out: Optional[str] = None
@@ -175,5 +176,5 @@ def convert_options(cfg: DictConfig) -> Dict[str, Any]:
                 attention=cfg.attention.name, mask_p=cfg.attention.mask_p,
                 mask_rescale=cfg.attention.mask_rescale, residual=cfg.attention.residual,
                 norm=cfg.attention.norm,
-                step_mode=cfg.step_mode,
+                step_mode=cfg.step_mode, chunk=cfg.chunk,
                 progress=cfg.progress)

@@ -55,7 +55,7 @@ class SpikingModel(nn.Module):
     """A converted ViT: ``simulate`` runs it for T steps; ``forward`` returns the mean output over T."""
 
     def __init__(self, net: nn.Module, timesteps: int, options: Dict[str, Any], step_mode: str = "s",
-                 inputs: Optional[Dict[str, Any]] = None) -> None:
+                 inputs: Optional[Dict[str, Any]] = None, chunk: Optional[int] = None) -> None:
         super().__init__()
         self.net = net
         self.inputs = inputs or input_spec(net)  # the images the network takes (see input_spec)
@@ -64,6 +64,9 @@ class SpikingModel(nn.Module):
         if step_mode not in ("s", "m"):
             raise ValueError(f"unknown step_mode {step_mode!r}: use 's' (step) or 'm' (multi-step)")
         self.step_mode = step_mode
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"chunk must be a positive integer (steps per multi-step call) or None, got {chunk!r}")
+        self.chunk = chunk  # multi-step mode: steps per call (None: all T); memory grows with it, not with T
         self.calibration_report: Dict[str, dict] = {}
         self.finetune_report: Optional[Dict[str, Any]] = None
         self.architecture: Optional[Dict[str, Any]] = None  # timm name and kwargs of the ANN, for checkpoints
@@ -74,7 +77,7 @@ class SpikingModel(nn.Module):
         T = check_timesteps(self.timesteps if timesteps is None else timesteps)
         check_images(self.inputs, x)
         x = x.to(next(self.net.parameters()).device)
-        out = run_steps(self.net, x, T, self.step_mode)
+        out = run_steps(self.net, x, T, self.step_mode, chunk=self.chunk)
         steps = torch.arange(1, T + 1, dtype=out.dtype, device=out.device).reshape(-1, *([1] * (out.dim() - 1)))
         return torch.cumsum(out, 0) / steps
 

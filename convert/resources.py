@@ -73,7 +73,7 @@ def check_memory(model: nn.Module, inputs: Dict, device: torch.device, what: str
     limit = available_bytes(device)
     if need > SAFETY * limit:
         hint = "finetune.batch_size or finetune.timesteps, or set finetune.grad_checkpoint=true" if training else \
-            ("data.batch_size, or use step_mode=s (memory flat in T)" if step_mode == "m" else "data.batch_size")
+            ("data.batch_size or chunk, or use step_mode=s (memory flat in T)" if step_mode == "m" else "data.batch_size")
         raise ValueError(f"{what} needs about {need / 2 ** 30:.1f} GiB (estimate, batch {batch}, T={timesteps}, "
                          f"step_mode={step_mode}) but {limit / 2 ** 30:.1f} GiB are available on {device.type}: "
                          f"lower {hint}")

@@ -52,19 +52,24 @@ def _difference(cur: torch.Tensor, prev: torch.Tensor, reuse: bool) -> torch.Ten
     return torch.sub(cur, prev, out=prev) if reuse and not torch.is_grad_enabled() else cur - prev
 
 
-def _cumulative_mean(xs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """[T, B, ...] -> the running means S(t) / t."""
-    return _divided(torch.cumsum(xs, dim=0), t)
+def _running_sums(xs: torch.Tensor, before: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[T, B, ...] -> S(t) = before + x(1) + ... + x(t), summed in that order (``before``: a carried sum)."""
+    if before is not None:
+        xs = torch.cat([(before + xs[0]).unsqueeze(0), xs[1:]])
+    return torch.cumsum(xs, dim=0)
 
 
-def _step_differences(totals: torch.Tensor) -> torch.Tensor:
-    """[T, B, ...] totals -> the increments totals[t] - totals[t - 1] (the first row kept)."""
+def _step_differences(totals: torch.Tensor, before=None) -> torch.Tensor:
+    """[T, B, ...] totals -> the increments totals[t] - totals[t - 1], the first row minus ``before`` (a carried
+    total; None: the first row kept)."""
     if torch.is_grad_enabled():  # not in place: softmax's backward needs its output
         diff = totals.clone()
         diff[1:].sub_(totals[:-1])
         return diff
     for i in range(totals.shape[0] - 1, 0, -1):  # last row first, so every row subtracts an unchanged one
         totals[i].sub_(totals[i - 1])
+    if before is not None:
+        totals[0].sub_(before)
     return totals
 
 
@@ -119,15 +124,24 @@ class ExpectationCompensation(StatefulModule):
         return out
 
     def multi_step(self, *args, **kwargs):
+        if not self.carried():
+            self.reset()
+        t0 = self.t
         first = self.unfold(args[self.streams[0]])
-        t = self.step_index(first)
-        means = [self.fold(_cumulative_mean(self.unfold(args[i]), t)) for i in self.streams]
-        out = self.fn(*self._means(args, means), **kwargs)
-        def increments(y):
-            totals = self.unfold(y)
-            return self.fold(_step_differences(_scaled(totals, self.step_index(totals))))
-
-        return _map(increments, out)
+        t = self.step_index(first) + t0
+        sums = [_running_sums(self.unfold(args[i]), s)
+                for i, s in zip(self.streams, self.sums or [None] * len(self.streams))]
+        last_sums = [s[-1].clone() for s in sums] if self.carry else None  # before the means overwrite them
+        out = self.fn(*self._means(args, [self.fold(_divided(s, t)) for s in sums]), **kwargs)
+        totals = _map(lambda y: _scaled(self.unfold(y), self.step_index(self.unfold(y)) + t0), out)
+        before = self.total
+        if self.carry:  # the state a next call continues from: the last step's sums and total
+            self.t, self.sums = t0 + first.shape[0], last_sums
+            self.total = _map(lambda y: y[-1].clone(), totals)
+        if isinstance(totals, tuple):
+            return tuple(self.fold(_step_differences(y, None if before is None else b))
+                         for y, b in zip(totals, before or [None] * len(totals)))
+        return self.fold(_step_differences(totals, before))
 
     def extra_repr(self) -> str:
         fn = "" if isinstance(self.fn, nn.Module) else f"fn={self.fn!r}, "
@@ -158,10 +172,17 @@ class SpikeProduct(StatefulModule):
         return out
 
     def multi_step(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        sa = torch.cumsum(self.unfold(a), dim=0)
-        sb = torch.cumsum(self.unfold(b), dim=0)
+        if not self.carried():
+            self.reset()
+        sa = _running_sums(self.unfold(a), self.sum_a)
+        sb = _running_sums(self.unfold(b), self.sum_b)
         cur = self.unfold(self.op(self.fold(sa), self.fold(sb)))
-        return self.fold(_step_differences(_divided(cur, self.step_index(cur))))
+        cur = _divided(cur, self.step_index(cur) + self.t)
+        before = self.prev
+        if self.carry:  # the state a next call continues from
+            self.t, self.sum_a, self.sum_b = self.t + cur.shape[0], sa[-1].clone(), sb[-1].clone()
+            self.prev = cur[-1].clone()
+        return self.fold(_step_differences(cur, before))
 
     def extra_repr(self) -> str:
         return f"op={getattr(self.op, '__name__', self.op)!r}, {super().extra_repr()}"

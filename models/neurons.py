@@ -182,29 +182,37 @@ class BaseNeuron(StatefulModule):
         self.u, k = self._integrate(self.u, x, theta)
         return k * theta if torch.is_grad_enabled() else k.mul_(theta)
 
-    def run_sequence(self, xs: torch.Tensor, theta: torch.Tensor, pre: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Steps 1..T of unfolded inputs ``xs`` [T, B, ...] from a reset membrane, without autograd: every step
-        writes k * theta straight into its slice of the output (``pre``: see ``_integrate``)."""
-        u, out = None, torch.empty_like(xs)
+    def run_sequence(self, xs: torch.Tensor, theta: torch.Tensor, pre: Optional[torch.Tensor] = None,
+                     u: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The steps of unfolded inputs ``xs`` [T, B, ...] from membrane ``u`` (None: reset), without autograd:
+        every step writes k * theta straight into its slice of the output (``pre``: see ``_integrate``).
+        Returns the outputs and the final membrane."""
+        out = torch.empty_like(xs)
         for t in range(xs.shape[0]):
             u, k = self._integrate(u, xs[t], theta, None if pre is None else pre[t])
             torch.mul(k, theta, out=out[t])
-        return out
+        return out, u
 
     def multi_step(self, x: torch.Tensor) -> torch.Tensor:
         if self.analog:
             return self.single_step(x)
         theta = self.theta(x)
         xs = self.unfold(x)
-        self.level = None  # one multi-step call covers steps 1..T from a reset state
+        carry = self.carried()
+        if not carry:  # this call covers steps 1..T from a reset state
+            self.u, self.level = None, None
+        prior = None if self.level is None else self.level * theta  # differential: the previous call's output
         if torch.is_grad_enabled() and (x.requires_grad or theta.requires_grad):
             out = NeuronSequence.apply(xs, theta, self)
         else:
             with torch.no_grad():
-                out = self.run_sequence(xs, theta)
+                out, u = self.run_sequence(xs, theta, u=self.u)
+            self.u = u if carry else None
         if self.coding == "differential":  # the previous step's output under each step's, for sent()
-            self._prior = self.fold(torch.cat([torch.zeros_like(out[:1]), out[:-1].detach()]))
-            self.level = None
+            first = torch.zeros_like(out[:1]) if prior is None else prior.expand_as(out[:1])
+            self._prior = self.fold(torch.cat([first, out[:-1].detach()]))
+            if not carry:
+                self.level = None
         return self.fold(out)
 
     def extra_repr(self) -> str:
@@ -320,7 +328,7 @@ class NeuronSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xs: torch.Tensor, theta: torch.Tensor, neuron: "BaseNeuron") -> torch.Tensor:
         pre = torch.empty_like(xs)
-        out = neuron.run_sequence(xs, theta, pre)
+        out, _ = neuron.run_sequence(xs, theta, pre)
         ctx.neuron = neuron
         ctx.save_for_backward(xs, theta, pre, out)
         return out

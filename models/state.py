@@ -5,9 +5,14 @@ Multi-step mode ('m'): one call = all T timesteps, time folded into the batch
 dimension t-major (rows [t*B:(t+1)*B] are step t+1), so Linear/Conv layers and
 timm's own forward code run unchanged on [T*B, ...] tensors. A multi-step call
 starts from a reset state and keeps none afterwards (no tensor outlives the call,
-which lets recomputation in the backward pass free each block's activations).
+which lets recomputation in the backward pass free each block's activations),
+unless ``carry`` is set: then, without autograd, it continues from the state the
+previous call left and leaves its own, so T steps can run as consecutive chunks of
+steps (``run_steps(..., chunk=c)``) with the outputs of one call over all T.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -20,6 +25,7 @@ class StatefulModule(nn.Module):
         super().__init__()
         self.step_mode = "s"
         self.timesteps = 1  # T of the folded batch in multi-step mode
+        self.carry = False  # multi-step: continue from the previous call's state and keep it (no autograd)
 
     def reset(self) -> None:
         raise NotImplementedError
@@ -40,6 +46,13 @@ class StatefulModule(nn.Module):
         t = torch.arange(1, self.timesteps + 1, dtype=like.dtype, device=like.device)
         return t.reshape(-1, *([1] * (like.dim() - 1)))
 
+    def carried(self) -> bool:
+        """Whether this multi-step call continues the previous one's state."""
+        if self.carry and torch.is_grad_enabled():
+            raise ValueError("chunked multi-step simulation (carry) runs without autograd; fine-tuning runs all "
+                             "T steps in one call")
+        return self.carry
+
     def forward(self, *args, **kwargs):
         return self.multi_step(*args, **kwargs) if self.step_mode == "m" else self.single_step(*args, **kwargs)
 
@@ -57,26 +70,37 @@ def reset_net(net: nn.Module) -> None:
         m.reset()
 
 
-def set_step_mode(net: nn.Module, mode: str, timesteps: int = 1) -> None:
-    """Put every spiking module of ``net`` in step ('s') or multi-step ('m') mode over ``timesteps``."""
+def set_step_mode(net: nn.Module, mode: str, timesteps: int = 1, carry: bool = False) -> None:
+    """Put every spiking module of ``net`` in step ('s') or multi-step ('m') mode over ``timesteps``
+    (``carry``: multi-step calls continue from the previous call's state)."""
     if mode not in ("s", "m"):
         raise ValueError(f"unknown step_mode {mode!r}: use 's' (step) or 'm' (multi-step)")
     for m in stateful_modules(net):
         m.step_mode = mode
         m.timesteps = timesteps
+        m.carry = carry
 
 
-def run_steps(net: nn.Module, x: torch.Tensor, timesteps: int, step_mode: str = "s") -> torch.Tensor:
-    """Feed ``x`` (the same input at every step) for ``timesteps`` steps from a reset state.
+def run_steps(net: nn.Module, x: torch.Tensor, timesteps: int, step_mode: str = "s",
+              chunk: Optional[int] = None) -> torch.Tensor:
+    """Feed ``x`` (the same input at every step) for ``timesteps`` steps from a reset state; in multi-step mode
+    ``chunk`` steps per call (default: all), without autograd.
 
     Returns [T, *out_shape]: the output of each step (not yet averaged). State is cleared afterwards."""
     reset_net(net)
     try:
         if step_mode == "m":
-            set_step_mode(net, "m", timesteps)
-            out = net(x.repeat(timesteps, *([1] * (x.dim() - 1))))
-            return out.reshape(timesteps, x.shape[0], *out.shape[1:])
+            outs, done = [], 0
+            while done < timesteps:
+                n = min(chunk or timesteps, timesteps - done)
+                set_step_mode(net, "m", n, carry=n < timesteps)
+                out = net(x.repeat(n, *([1] * (x.dim() - 1))))
+                outs.append(out.reshape(n, x.shape[0], *out.shape[1:]))
+                done += n
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
         set_step_mode(net, "s")
         return torch.stack([net(x) for _ in range(timesteps)])
     finally:
         reset_net(net)
+        for m in stateful_modules(net):
+            m.carry = False

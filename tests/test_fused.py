@@ -155,14 +155,14 @@ def test_fused_network_simulation_is_bitwise_the_reference(name, options):
 
 
 def test_speed_benchmark_quick_mode_runs_and_renders():
-    res = speed.run(["vit_fmnist"], [4], (1, 2), repeats=1, memory=False, finetune_timesteps=(1, 2))
+    res = speed.run(["vit_fmnist"], [4], (1, 2), repeats=1, memory=False, finetune_timesteps=(1, 2), chunk=1)
     r = res["models"]["vit_fmnist"]
     assert all(v["step_s"] > 0 and v["epoch_s"] == v["step_s"] * 15_000 for v in res["finetune"]["timesteps"].values())
-    assert set(r["modes"]) == {"s", "m"} and all(v["per_step_ratio"] > 0 for m in r["modes"].values()
+    assert set(r["modes"]) == {"s", "m", "m1"} and all(v["per_step_ratio"] > 0 for m in r["modes"].values()
                                                 for v in m.values())
     assert "SignedIFNeuron" in r["profile"]["s"] and "ExpectationCompensation" in r["profile"]["m"]
     md = speed.markdown(res, "test")
     assert md.startswith(speed.BEGIN) and "| vit_fmnist | 4 |" in md and md.rstrip().endswith(speed.END)
-    assert "Fine-tuning (vit_fmnist, batch 4" in md and "| 2 |" in md
+    assert "Fine-tuning (vit_fmnist, batch 4" in md and "| 2 |" in md and "| multi-step, chunks of 1 |" in md
     with pytest.raises(SystemExit, match="one per model"):
         speed.run(["vit_fmnist", "vit_fmnist"], [4, 4, 4], (1,))
