@@ -64,8 +64,6 @@ class SpikingModel(nn.Module):
         if step_mode not in ("s", "m"):
             raise ValueError(f"unknown step_mode {step_mode!r}: use 's' (step) or 'm' (multi-step)")
         self.step_mode = step_mode
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"chunk must be a positive integer (steps per multi-step call) or None, got {chunk!r}")
         self.chunk = chunk  # multi-step mode: steps per call (None: all T); memory grows with it, not with T
         self.calibration_report: Dict[str, dict] = {}
         self.finetune_report: Optional[Dict[str, Any]] = None

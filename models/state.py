@@ -87,6 +87,8 @@ def run_steps(net: nn.Module, x: torch.Tensor, timesteps: int, step_mode: str = 
     ``chunk`` steps per call (default: all), without autograd.
 
     Returns [T, *out_shape]: the output of each step (not yet averaged). State is cleared afterwards."""
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive integer (steps per multi-step call) or None, got {chunk!r}")
     reset_net(net)
     try:
         if step_mode == "m":

@@ -107,3 +107,6 @@ def test_chunk_is_kept_by_checkpoints_and_refused_under_autograd(tmp_path):
         run_steps(snn.net, x, 4, "m", chunk=2)
     with pytest.raises(ValueError, match="chunk must be an integer in 1"):
         convert(ann, x, timesteps=4, progress=False, chunk=0)
+    snn.chunk = -1
+    with pytest.raises(ValueError, match="chunk must be a positive integer"):
+        snn.simulate(x)
