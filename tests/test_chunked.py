@@ -91,7 +91,7 @@ def test_chunked_network_simulation_is_one_call(name, options):
     x = images(size, 3, seed=4)
     snn = convert(ann, x, timesteps=7, progress=False, step_mode="m", **options)
     whole = snn.simulate(x)
-    for chunk in (1, 3, 7, 9):
+    for chunk in (1, 3):  # 7 steps as 1 + 1 + ... and as 3 + 3 + 1
         snn.chunk = chunk
         parts = snn.simulate(x)
         assert torch.allclose(parts, whole, atol=1e-4, rtol=1e-4), (chunk, (parts - whole).abs().max())
