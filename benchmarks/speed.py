@@ -8,8 +8,9 @@ For every model (a reference model from models/zoo.py with its weights and Fashi
 timm name with random weights and random images at its own input size) and its batch size: one conversion
 with the default options, then, in the same process and interleaved so that drifts of the machine hit
 both alike, the best of ``--repeats`` timings of one ANN forward and of ``simulate`` for every T in step
-('s') and multi-step ('m') mode, and multi-step in chunks of ``--chunk`` steps (the state carried between calls). Reported per (mode, T): images/s and the per-step ratio
-(simulation seconds / T / ANN forward seconds). Also: peak memory of the simulation (CUDA: the allocator's
+('s') and multi-step ('m') mode, and multi-step in chunks of ``--chunk`` steps (the state carried between
+calls). Reported per (mode, T): images/s and the per-step ratio (simulation seconds / T / ANN forward
+seconds). Also: peak memory of the simulation (CUDA: the allocator's
 peak; CPU: the peak resident size of a fresh process running it, VmHWM), where the time goes per module
 type (self time from forward hooks, at the largest T, both modes), and with ``--bf16`` the speed and the
 effect on predictions of running the analog layers under bfloat16 autocast. With ``--peer-images N``

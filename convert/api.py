@@ -28,8 +28,8 @@ DEFAULTS: Dict[str, Any] = dict(neuron="signed_if", levels=1, v_init=None, codin
                                 calibration="mse",
                                 percentile=99.5, per_channel=True, per_token=True, correction="none", num_images=None,
                                 attention="ecm",
-                                mask_p=0.0, mask_rescale=False, residual="membrane", norm="ecm", step_mode="s", chunk=None,
-                                progress=True)
+                                mask_p=0.0, mask_rescale=False, residual="membrane", norm="ecm", step_mode="s",
+                                chunk=None, progress=True)
 
 
 def check_options(options: Dict[str, Any]) -> Dict[str, Any]:

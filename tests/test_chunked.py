@@ -43,7 +43,8 @@ def _split(T, data):
 
 
 @settings(max_examples=60, deadline=None)
-@given(idx=st.integers(0, len(NEURONS) - 1), T=st.integers(1, 10), shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+@given(idx=st.integers(0, len(NEURONS) - 1), T=st.integers(1, 10),
+       shape=st.lists(st.integers(1, 5), min_size=1, max_size=3),
        coding=st.sampled_from(["rate", "differential", "hysteresis"]), seed=st.integers(0, 10_000), data=st.data())
 def test_chunked_neuron_is_bitwise_one_call(idx, T, shape, coding, seed, data):
     neuron = NEURONS[idx]()
@@ -58,7 +59,8 @@ def test_chunked_neuron_is_bitwise_one_call(idx, T, shape, coding, seed, data):
 
 
 @settings(max_examples=40, deadline=None)
-@given(name=st.sampled_from(sorted(FUNCTIONS)), T=st.integers(1, 9), batch=st.integers(1, 3), seed=st.integers(0, 10_000),
+@given(name=st.sampled_from(sorted(FUNCTIONS)), T=st.integers(1, 9), batch=st.integers(1, 3),
+       seed=st.integers(0, 10_000),
        data=st.data())
 def test_chunked_expectation_compensation_is_one_call(name, T, batch, seed, data):
     torch.manual_seed(seed)

@@ -89,7 +89,8 @@ def _outputs_and_gradients(neuron, xs, grad_out, mode):
 
 
 @settings(max_examples=80, deadline=None)
-@given(idx=st.integers(0, len(NEURONS) - 1), T=st.integers(1, 9), shape=st.lists(st.integers(1, 5), min_size=2, max_size=4),
+@given(idx=st.integers(0, len(NEURONS) - 1), T=st.integers(1, 9),
+       shape=st.lists(st.integers(1, 5), min_size=2, max_size=4),
        kind=st.sampled_from(["scalar", "last", "axis1", "rows"]), surrogate=st.sampled_from(Surrogate.KINDS + (None,)),
        coding=st.sampled_from(["rate", "differential", "hysteresis"]), seed=st.integers(0, 10_000))
 def test_fused_backward_through_time_is_the_step_by_step_gradient(idx, T, shape, kind, surrogate, coding, seed):
