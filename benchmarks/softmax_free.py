@@ -163,8 +163,9 @@ def _epochs_markdown(res: dict) -> list:
     recipe = ", ".join(f"{k}={v}" for k, v in res["recipe"].items()) or "nothing changed"
     lines = ["### Accuracy vs fine-tuning epochs", "",
              f"Top-1 at step {T} on {res['images']} test images; energy per image / the ANN's on 64 of them (standard "
-             f"/ strict); analog share of the SNN's energy. One fine-tuning run of {res['epochs']} epochs "
-             f"({res['steps_per_epoch']} steps of batch 64 per epoch, one cosine schedule over all of them; "
+             f"/ strict); analog share of the SNN's energy. One fine-tuning run per variant, as many epochs as its "
+             f"table's last row ({res['steps_per_epoch']} steps of batch 64 per epoch, one cosine schedule over all "
+             f"of them; "
              f"conf/finetune/bptt.yaml, {recipe}; a name with '+' says what its run changed), measured on its way; "
              f"s: its cumulative seconds. Measured with {_commands(res, 'python -m benchmarks.softmax_free')}.", ""]
     for name, v in res["variants"].items():
