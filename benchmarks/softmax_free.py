@@ -165,9 +165,8 @@ def _epochs_markdown(res: dict) -> list:
              f"Top-1 at step {T} on {res['images']} test images; energy per image / the ANN's on 64 of them (standard "
              f"/ strict); analog share of the SNN's energy. One fine-tuning run per variant, as many epochs as its "
              f"table's last row ({res['steps_per_epoch']} steps of batch 64 per epoch, one cosine schedule over all "
-             f"of them; "
-             f"conf/finetune/bptt.yaml, {recipe}; a name with '+' says what its run changed), measured on its way; "
-             f"s: its cumulative seconds. Measured with {_commands(res, 'python -m benchmarks.softmax_free')}.", ""]
+             f"of them; conf/finetune/bptt.yaml, {recipe}; a name with '+' says what its run changed), measured on "
+             f"its way; s: its cumulative seconds. Measured with {_commands(res, 'python -m benchmarks.softmax_free')}.", ""]
     for name, v in res["variants"].items():
         lines += [f"### {name} (ANN {v['ann_top1']:.2f}%)", "",
                   "| epochs | top-1 | drop vs ANN | energy | strict | analog share | s |", "|---|---|---|---|---|---|---|"]

@@ -105,11 +105,11 @@ def peak_memory_mb(name: str, batch: int, mode: str, T: int, device: str) -> flo
     """Peak memory (MB) of simulating T steps above what the converted model holds: the CUDA allocator's peak,
     or on CPU the peak resident size of a fresh process (VmHWM, reset after the conversion through
     /proc/self/clear_refs) minus its resident size before the simulation."""
+    step_mode, chunk = split_mode(mode)
     code = ("import re, torch; from benchmarks.speed import model_and_images; from convert import convert;"
             "kb = lambda key: int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1));"
             f"ann, x = model_and_images({name!r}, {batch}, {device!r});"
-            f"snn = convert(ann, x[:2], timesteps={T}, step_mode={split_mode(mode)[0]!r}, chunk={split_mode(mode)[1]!r}, "
-            "progress=False);"
+            f"snn = convert(ann, x[:2], timesteps={T}, step_mode={step_mode!r}, chunk={chunk!r}, progress=False);"
             "cuda = x.is_cuda; torch.cuda.reset_peak_memory_stats() if cuda else open('/proc/self/clear_refs', 'w')"
             ".write('5');"
             "base = torch.cuda.memory_allocated() if cuda else kb('VmRSS'); snn.simulate(x);"

@@ -139,8 +139,7 @@ class ExpectationCompensation(StatefulModule):
             self.t, self.sums = t0 + first.shape[0], last_sums
             self.total = _map(lambda y: y[-1].clone(), totals)
         if isinstance(totals, tuple):
-            return tuple(self.fold(_step_differences(y, None if before is None else b))
-                         for y, b in zip(totals, before or [None] * len(totals)))
+            return tuple(self.fold(_step_differences(y, b)) for y, b in zip(totals, before or [None] * len(totals)))
         return self.fold(_step_differences(totals, before))
 
     def extra_repr(self) -> str:

@@ -337,6 +337,7 @@ class NeuronSequence(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         xs, theta, pre, out = ctx.saved_tensors
         neuron = ctx.neuron
+        jumps = neuron.jumps()
         grad_x = torch.empty_like(xs)
         acc = torch.zeros_like(xs[0]) if ctx.needs_input_grad[1] else None  # sum_t G out - dL/dx x
         for t in range(xs.shape[0] - 1, -1, -1):  # one step at a time: its tensors stay in cache
@@ -344,7 +345,7 @@ class NeuronSequence(torch.autograd.Function):
             if neuron.surrogate is None:  # the staircase alone: no gradient through the membrane
                 d.zero_()
             else:
-                neuron.surrogate.scale_by_slope(d, pre[t], neuron.jumps())
+                neuron.surrogate.scale_by_slope(d, pre[t], jumps)
             if t + 1 < xs.shape[0]:  # d(t + 1), then dL/dx(t + 1) = d(t + 1) / theta
                 later = grad_x[t + 1]
                 if neuron.hard_reset:
@@ -383,16 +384,21 @@ class Surrogate:
 
     def __call__(self, u: torch.Tensor, jumps: List[Tuple[float, float]]) -> torch.Tensor:
         if self.kind == "ste":
-            (first, h_first), (last, h_last) = jumps[0], jumps[-1]
-            return torch.clamp(u, first - h_first, last + h_last)
+            return torch.clamp(u, *self.ste_range(jumps))
         return sum(h * torch.sigmoid(self.alpha * (u - c)) for c, h in jumps)
+
+    @staticmethod
+    def ste_range(jumps: List[Tuple[float, float]]) -> Tuple[float, float]:
+        """Where ``ste``'s g(u) = u: one step's height beyond the first and the last jump."""
+        (first, h_first), (last, h_last) = jumps[0], jumps[-1]
+        return first - h_first, last + h_last
 
     def scale_by_slope(self, d: torch.Tensor, u: torch.Tensor, jumps: List[Tuple[float, float]]) -> torch.Tensor:
         """d * g'(u) in place: g' = 1 inside the neuron's range, else 0 (``ste``), or
         sum_j h_j alpha s_j (1 - s_j) with s_j = sigmoid(alpha (u - c_j)) (``sigmoid``)."""
         if self.kind == "ste":
-            (first, h_first), (last, h_last) = jumps[0], jumps[-1]
-            return d.masked_fill_(torch.lt(u, first - h_first).logical_or_(u > last + h_last), 0.0)
+            low, high = self.ste_range(jumps)
+            return d.masked_fill_(torch.lt(u, low).logical_or_(u > high), 0.0)
         slope = torch.zeros_like(u)
         for c, h in jumps:
             s = torch.sigmoid(self.alpha * (u - c))
