@@ -128,7 +128,7 @@ def output_affine(net: nn.Module, batches: List[torch.Tensor], timesteps: int,
         finally:
             for h in handles:
                 h.remove()
-        gain, shift, explained = _least_squares(all_reduce(sums))
+        gain, shift, explained = _least_squares(all_reduce(sums.cpu()))
         like = core.q_neuron.threshold
         affine.out_gain = nn.Parameter(gain.reshape(-1, 1, dim).to(like))
         affine.out_shift = nn.Parameter(shift.reshape(-1, 1, dim).to(like))
@@ -175,7 +175,7 @@ def constant_norms(net: nn.Module, batches: List[torch.Tensor], prefix_tokens: i
         finally:
             for h in handles:
                 h.remove()
-        gain, shift, explained = _least_squares(all_reduce(sums).transpose(0, 1))
+        gain, shift, explained = _least_squares(all_reduce(sums.cpu()).transpose(0, 1))
         if gain.shape[0] == 1:  # one token group: [C]; else [P + 1, C] rows
             gain, shift = gain[0], shift[0]
         norm.norm_gain = nn.Parameter(gain.to(b))

@@ -58,19 +58,24 @@ class RunningHistogram:
             self.range *= 2.0
 
     def update(self, x: torch.Tensor) -> None:
+        """Add a batch of activations; they are binned on their own device and the counts kept on the CPU
+        (where ``merge_ranks`` sums them), so a GPU's activations never travel whole."""
         x = x.detach().to(torch.float64)
         rows = x.reshape(-1, self.channels).t() if self.channels else x.reshape(1, -1)
         peak = float(rows.abs().max()) if rows.numel() else 0.0
         if peak >= self.range or self.range == 0.0:
             self._grow(peak)
-        self.max_pos = torch.maximum(self.max_pos, rows.clamp(min=0).amax(-1))
-        self.max_neg = torch.maximum(self.max_neg, (-rows).clamp(min=0).amax(-1))
-        self.zeros += (rows == 0).sum(-1)
+        self.max_pos = torch.maximum(self.max_pos, rows.clamp(min=0).amax(-1).cpu())
+        self.max_neg = torch.maximum(self.max_neg, (-rows).clamp(min=0).amax(-1).cpu())
+        self.zeros += (rows == 0).sum(-1).cpu()
         scale = self.bins / self.range
         for sign, hist in ((1.0, self.pos), (-1.0, self.neg)):
             mag = rows * sign
             idx = torch.clamp((mag * scale).long(), max=self.bins - 1)
-            hist.scatter_add_(1, torch.where(mag > 0, idx, 0), (mag > 0).to(torch.float64))
+            local = hist if hist.device == rows.device else torch.zeros_like(hist, device=rows.device)
+            local.scatter_add_(1, torch.where(mag > 0, idx, 0), (mag > 0).to(torch.float64))
+            if local is not hist:
+                hist += local.cpu()
 
     def merge_ranks(self) -> None:
         """Sum the histograms of every rank (torchrun): grow to the largest range, then add counts.

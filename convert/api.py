@@ -73,6 +73,7 @@ def build_spiking(ann: nn.Module, timesteps: int, options: Dict[str, Any],
     if rewriter.specialised:  # shape-dependent code was fixed to the conversion's image size
         inputs["dynamic"] = False
     snn = SpikingModel(net, timesteps, opts, step_mode=opts["step_mode"], chunk=opts["chunk"], inputs=inputs)
+    snn.to(device)  # the rewrite's new modules (neurons, compensations) are made on the CPU
     snn.architecture = architecture_of(ann)
     return snn
 

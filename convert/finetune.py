@@ -458,9 +458,15 @@ class _Batches:
         starts = range(skip * self.batch_size, len(self) * self.batch_size, self.batch_size)
         # under torchrun each rank loads only its share of every global batch
         plan = [order[i:i + self.batch_size][me::world] for i in starts]
-        loader = DataLoader(self.dataset, batch_sampler=plan, pin_memory=torch.cuda.is_available())
+        loader = DataLoader(self.dataset, batch_sampler=plan, pin_memory=torch.cuda.is_available() and self._on_cpu())
         for batch in loader:
             yield self._split(batch)
+
+    def _on_cpu(self) -> bool:
+        """Whether the dataset's images are CPU tensors (only those can be pinned; a GPU's are already there)."""
+        first = self.dataset[0]
+        image = first[0] if isinstance(first, (tuple, list)) else first
+        return not isinstance(image, torch.Tensor) or image.device.type == "cpu"
 
     def _split(self, batch):
         if isinstance(batch, torch.Tensor):

@@ -122,3 +122,19 @@ def test_softmax_free_variants_refuse_attention_masks_by_name(name, attention):
     with pytest.raises(UnsupportedModuleError, match=f"attention={attention} has no softmax to take this "
                                                      "attention's mask"):
         convert(ann, images(size, 2, seed=0), timesteps=2, attention=attention, progress=False)
+
+
+def _devices(model) -> set:
+    """Devices of every parameter, buffer and plain tensor attribute of ``model``'s modules."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
+    return {t.device.type for t in tensors}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_spiking_network_is_built_where_the_ann_is(name):
+    """A GPU's ANN gives a GPU's SNN: every module the rewrite adds lives on the ANN's device (the meta device
+    stands in for a GPU here; a module left on the CPU would fail there at the first step)."""
+    from convert.api import build_spiking
+    ann, _ = tiny(name)
+    assert _devices(build_spiking(ann.to("meta"), 4, {})) == {"meta"}

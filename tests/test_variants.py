@@ -387,3 +387,13 @@ def test_feature_distillation_brings_the_blocks_toward_the_ann(options, config):
 def test_bad_variant_options(options, message):
     with pytest.raises(ValueError, match=message):
         convert(build("cls_token"), _images(), timesteps=2, progress=False, **options)
+
+
+@pytest.mark.parametrize("options", VARIANTS + [dict(neuron=n) for n in ("if", "multi_threshold", "ternary")]
+                         + [dict(coding="differential", hysteresis=0.5)], ids=ids)
+def test_every_variant_is_built_where_the_ann_is(options):
+    """Every module the rewrite adds (neurons, compensations, masks, norms) lives on the ANN's device (the meta
+    device stands in for a GPU)."""
+    from convert.api import build_spiking
+    from tests.test_families import _devices
+    assert _devices(build_spiking(build("cls_token").to("meta"), 4, options)) == {"meta"}
