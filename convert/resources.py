@@ -9,7 +9,7 @@ backward pass (about 3 A T, a third of it with block recomputation). float32: 4 
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,7 +31,8 @@ def activation_elements(model: nn.Module, inputs: Dict) -> Tuple[int, int]:
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-            model(torch.empty(1, inputs["channels"], *inputs["size"]))
+            device = next(model.parameters()).device  # the probe runs where the model's weights are
+            model(torch.empty(1, inputs["channels"], *inputs["size"], device=device))
     finally:
         for h in handles:
             h.remove()
@@ -39,12 +40,16 @@ def activation_elements(model: nn.Module, inputs: Dict) -> Tuple[int, int]:
 
 
 def estimate_bytes(elements: Tuple[int, int], batch: int, timesteps: int, step_mode: str,
-                   training: bool = False, grad_checkpoint: bool = False) -> int:
+                   training: bool = False, grad_checkpoint: bool = False, chunk: Optional[int] = None) -> int:
+    """Bytes a run needs beyond the model, from (A, M) = ``activation_elements``: multi-step 6 M c + 2 M per
+    image for calls of c steps (c = T, or ``chunk``), plus step mode's state 2 A when chunks carry it (every
+    neuron's membrane, every compensation's running sums); step mode 2 A + 4 M."""
     total, largest = elements
     if training:
         per_image = 3 * total * timesteps / (3 if grad_checkpoint else 1) + 6 * largest * timesteps
     elif step_mode == "m":
-        per_image = 6 * largest * timesteps + 2 * largest
+        steps = min(timesteps, chunk or timesteps)
+        per_image = 6 * largest * steps + 2 * largest + (2 * total if steps < timesteps else 0)
     else:
         per_image = 2 * total + 4 * largest
     return int(BYTES * batch * per_image)
@@ -66,15 +71,16 @@ def available_bytes(device: torch.device) -> int:
 
 def check_memory(model: nn.Module, inputs: Dict, device: torch.device, what: str, batch: int, timesteps: int,
                  step_mode: str, training: bool = False, grad_checkpoint: bool = False,
-                 elements: Tuple[int, int] = None) -> int:
+                 elements: Tuple[int, int] = None, chunk: Optional[int] = None) -> int:
     """ValueError naming the estimate, the limit and the setting to lower when ``what`` would not fit."""
     elements = elements or activation_elements(model, inputs)
-    need = estimate_bytes(elements, batch, timesteps, step_mode, training, grad_checkpoint)
+    need = estimate_bytes(elements, batch, timesteps, step_mode, training, grad_checkpoint, chunk)
     limit = available_bytes(device)
     if need > SAFETY * limit:
         hint = "finetune.batch_size or finetune.timesteps, or set finetune.grad_checkpoint=true" if training else \
             ("data.batch_size or chunk, or use step_mode=s (memory flat in T)" if step_mode == "m" else "data.batch_size")
+        chunked = f", chunk={chunk}" if chunk else ""
         raise ValueError(f"{what} needs about {need / 2 ** 30:.1f} GiB (estimate, batch {batch}, T={timesteps}, "
-                         f"step_mode={step_mode}) but {limit / 2 ** 30:.1f} GiB are available on {device.type}: "
-                         f"lower {hint}")
+                         f"step_mode={step_mode}{chunked}) but {limit / 2 ** 30:.1f} GiB are available on "
+                         f"{device.type}: lower {hint}")
     return need

@@ -145,8 +145,8 @@ def check_resources(cfg: DictConfig, ann: torch.nn.Module, device: torch.device,
     """Memory for simulation (and fine-tuning) and disk for the checkpoint, before any expensive work."""
     inputs = input_spec(ann)
     elements = activation_elements(ann, inputs)
-    check_memory(ann, inputs, device, "simulating the SNN", cfg.data.batch_size, min(T, cfg.chunk or T), cfg.step_mode,
-                 elements=elements)
+    check_memory(ann, inputs, device, "simulating the SNN", cfg.data.batch_size, T, cfg.step_mode, elements=elements,
+                 chunk=cfg.chunk)
     if cfg.finetune.epochs:
         check_memory(ann, inputs, device, "fine-tuning", cfg.finetune.batch_size, cfg.finetune.timesteps or T, "m",
                      training=True, grad_checkpoint=cfg.finetune.grad_checkpoint, elements=elements)

@@ -152,6 +152,15 @@ def test_memory_estimate_names_the_need_and_the_limit(monkeypatch):
     # multi-step memory grows with T, step mode's does not
     assert resources.estimate_bytes(resources.activation_elements(ann, inputs), 8, 64, "m") > 8 * need
     assert resources.check_memory(ann, inputs, torch.device("cpu"), "x", 8, 64, "s") == need
+    # chunks of c steps: a call's activations as multi-step at T=c, plus the state they carry (step mode's)
+    elements = resources.activation_elements(ann, inputs)
+    chunked = resources.estimate_bytes(elements, 8, 64, "m", chunk=4)
+    assert chunked == resources.estimate_bytes(elements, 8, 4, "m") + resources.estimate_bytes(elements, 8, 1, "s") \
+        - resources.BYTES * 8 * 4 * elements[1]
+    assert resources.estimate_bytes(elements, 8, 4, "m", chunk=8) == resources.estimate_bytes(elements, 8, 4, "m")
+    # the probe runs where the weights are (a GPU's; here the meta device stands in for one)
+    on_cpu = resources.activation_elements(ann, inputs)
+    assert resources.activation_elements(ann.to("meta"), inputs) == on_cpu
     monkeypatch.setattr(resources, "available_bytes", lambda device: need)  # less than need / SAFETY
     with pytest.raises(ValueError, match=r"simulating the SNN needs about .* GiB .* available on cpu: lower "
                                          r"data.batch_size"):
