@@ -71,10 +71,11 @@ def write_section(md_path: Path, section: str) -> None:
     md_path.write_text(text)
 
 
-def benchmark_main(name: str, doc: str, run_full, run_quick, markdown, add_arguments=None) -> None:
+def benchmark_main(name: str, doc: str, run_full, run_quick, markdown, add_arguments=None, variant=None) -> None:
     """The command line of a benchmark module: measure (``--quick``: a short version), keep the results as
-    benchmarks/results/<name>[-quick].json and write its section of BENCHMARKS.md; ``--render`` only rewrites
-    the section from the saved results. ``run_full`` / ``run_quick`` take the parsed arguments."""
+    benchmarks/results/<name><variant>[-quick].json and write its section of BENCHMARKS.md; ``--render`` only
+    rewrites the section from the saved results. ``run_full`` / ``run_quick`` take the parsed arguments, and
+    ``variant`` (optional) gives from them a suffix for results kept apart (e.g. another device's)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--render", action="store_true", help="rewrite the section from the saved results")
@@ -83,7 +84,7 @@ def benchmark_main(name: str, doc: str, run_full, run_quick, markdown, add_argum
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args()
-    path = args.out / f"{name}{'-quick' if args.quick else ''}.json"
+    path = args.out / f"{name}{variant(args) if variant else ''}{'-quick' if args.quick else ''}.json"
     if args.render:
         res = json.loads(path.read_text())
     else:

@@ -10,8 +10,9 @@ with the default options, then, in the same process and interleaved so that drif
 both alike, the best of ``--repeats`` timings of one ANN forward and of ``simulate`` for every T in step
 ('s') and multi-step ('m') mode, and multi-step in chunks of ``--chunk`` steps (the state carried between
 calls). Reported per (mode, T): images/s and the per-step ratio (simulation seconds / T / ANN forward
-seconds). Also: peak memory of the simulation (CUDA: the allocator's
-peak; CPU: the peak resident size of a fresh process running it, VmHWM), where the time goes per module
+seconds). Also: how far each mode's outputs are from step mode's (and on a GPU, step mode's from the CPU's),
+peak memory of the simulation (CUDA: the allocator's peak; CPU: the peak resident size of a fresh process
+running it, VmHWM), where the time goes per module
 type (self time from forward hooks, at the largest T, both modes), and with ``--bf16`` the speed and the
 effect on predictions of running the analog layers under bfloat16 autocast. With ``--peer-images N``
 (vit_fmnist, Fashion-MNIST test images): the seconds of our whole accuracy-vs-T curve for T = 1..16 (one
@@ -19,12 +20,15 @@ anytime run, ANN reference included) against SpikingJelly's STA recipe evaluatin
 weights and images (benchmarks.peers), in the same process. With ``--finetune-timesteps``: seconds per
 fine-tuning step (forward over T, backward through time, AdamW update) at each T for the first model, and
 the seconds of one Fashion-MNIST epoch (60,000 images) at that rate.
-Writes benchmarks/results/speed[-quick].json and the ``speed`` section of BENCHMARKS.md.
+Writes benchmarks/results/speed[-quick].json and the ``speed`` section of BENCHMARKS.md (another device's
+results: speed-cuda[-quick].json and the ``speed-cuda`` section).
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import copy
+import os
 import subprocess
 import sys
 import time
@@ -37,8 +41,14 @@ from benchmarks.outputs import benchmark_main
 from convert import convert
 from models.zoo import FMNIST_MODELS, create_ann
 
-BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
+BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"  # the CPU's section; another device's: markers(device)
 MODES = ("s", "m")  # step, multi-step; "m<c>": multi-step in chunks of c steps (--chunk)
+
+
+def markers(device: str):
+    """BENCHMARKS.md section markers for results on ``device`` ('cpu': BEGIN, END; 'cuda[:i]': speed-cuda)."""
+    kind = device.split(":")[0]
+    return (BEGIN, END) if kind == "cpu" else (f"<!-- speed-{kind}:begin -->", f"<!-- speed-{kind}:end -->")
 
 
 def split_mode(mode: str):
@@ -77,15 +87,18 @@ def _seconds(fn, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def module_profile(snn, x, timesteps: int) -> Dict[str, float]:
-    """Self time (s) per module type over one simulation: each module's forward minus its children's."""
+def module_profile(snn, x, timesteps: int, device: str = "cpu") -> Dict[str, float]:
+    """Self time (s) per module type over one simulation: each module's forward minus its children's (on a GPU
+    the hooks wait for the device, so that a module's time is its kernels' and not their launch)."""
     times: Dict[str, float] = collections.Counter()
     stack: List[list] = []
 
     def pre(module, args):
+        _sync(device)
         stack.append([time.perf_counter(), 0.0])
 
     def post(module, args, out):
+        _sync(device)
         start, children = stack.pop()
         spent = time.perf_counter() - start
         times[type(module).__name__] += spent - children
@@ -101,20 +114,31 @@ def module_profile(snn, x, timesteps: int) -> Dict[str, float]:
     return dict(times)
 
 
-def peak_memory_mb(name: str, batch: int, mode: str, T: int, device: str) -> float:
-    """Peak memory (MB) of simulating T steps above what the converted model holds: the CUDA allocator's peak,
-    or on CPU the peak resident size of a fresh process (VmHWM, reset after the conversion through
-    /proc/self/clear_refs) minus its resident size before the simulation."""
+def device_peak_memory_mb(snn, x, mode: str, T: int) -> float:
+    """Peak memory (MB) of simulating T steps on a GPU above what was allocated before: the CUDA allocator's
+    peak, in this process."""
+    snn.step_mode, snn.chunk = split_mode(mode)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    snn.simulate(x, T)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def peak_memory_mb(name: str, batch: int, mode: str, T: int) -> float:
+    """Peak memory (MB) of simulating T steps on the CPU above what the converted model holds: the peak
+    resident size of a fresh process (VmHWM, reset after the conversion through /proc/self/clear_refs) minus
+    its resident size before the simulation. glibc's mmap threshold is fixed at 128 KiB there: its default
+    adapts to what was freed, which keeps some temporaries out of the resident size and not others."""
     step_mode, chunk = split_mode(mode)
     code = ("import re, torch; from benchmarks.speed import model_and_images; from convert import convert;"
             "kb = lambda key: int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1));"
-            f"ann, x = model_and_images({name!r}, {batch}, {device!r});"
+            f"ann, x = model_and_images({name!r}, {batch}, 'cpu');"
             f"snn = convert(ann, x[:2], timesteps={T}, step_mode={step_mode!r}, chunk={chunk!r}, progress=False);"
-            "cuda = x.is_cuda; torch.cuda.reset_peak_memory_stats() if cuda else open('/proc/self/clear_refs', 'w')"
-            ".write('5');"
-            "base = torch.cuda.memory_allocated() if cuda else kb('VmRSS'); snn.simulate(x);"
-            "print(((torch.cuda.max_memory_allocated() - base) / 2**20) if cuda else (kb('VmHWM') - base) / 1024)")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            "open('/proc/self/clear_refs', 'w').write('5'); base = kb('VmRSS'); snn.simulate(x);"
+            "print((kb('VmHWM') - base) / 1024)")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if res.returncode:
         raise RuntimeError(f"memory probe for {name} failed:\n{res.stderr[-2000:]}")
     return float(res.stdout.strip().splitlines()[-1])
@@ -141,20 +165,46 @@ def measure(name: str, batch: int, timesteps, device: str = "cpu", repeats: int 
             for mode in modes:
                 for T in timesteps:
                     best[mode, T] = min(best[mode, T], _seconds(lambda: simulate(mode, T), device))
-    snn.chunk = None
     res = {"batch": batch, "images": "Fashion-MNIST (bundled)" if name in FMNIST_MODELS else "random",
            "input": list(x.shape[1:]), "ann_forward_s": best["ann"], "ann_images_per_s": batch / best["ann"],
            "modes": {m: {str(T): {"simulate_s": best[m, T], "images_per_s": batch / best[m, T],
                              "per_step_ratio": best[m, T] / T / best["ann"]} for T in timesteps} for m in modes}}
+    res["agreement"] = agreement(snn, ann, x, modes, max(timesteps))
+    snn.chunk = None
     if profile:
         res["profile"] = {}
         for mode in MODES:
             snn.step_mode = mode
-            res["profile"][mode] = module_profile(snn, x, max(timesteps))
+            res["profile"][mode] = module_profile(snn, x, max(timesteps), device)
     if bf16:
         res["bf16"] = bf16_effect(snn, x, max(timesteps), device, repeats)
     if memory:
-        res["peak_memory_mb"] = {m: {str(T): peak_memory_mb(name, batch, m, T, device) for T in timesteps} for m in modes}
+        res["peak_memory_mb"] = {m: {str(T): device_peak_memory_mb(snn, x, m, T) if x.is_cuda else
+                                     peak_memory_mb(name, batch, m, T) for T in timesteps} for m in modes}
+    return res
+
+
+def _difference(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Largest |out - ref| over the largest |ref|, and top-1 agreement (%), of two [T, B, classes] outputs."""
+    return {"max_logit_error": float((out - ref).abs().max() / ref.abs().max()),
+            "top1_agreement": float((out.argmax(-1) == ref.argmax(-1)).float().mean() * 100)}
+
+
+@torch.no_grad()
+def agreement(snn, ann, x, modes, T: int, cpu_images: int = 8) -> dict:
+    """Every mode's outputs over T steps against step mode's on the same inputs (all steps); on a GPU step
+    mode's against the CPU's eager step mode for the first ``cpu_images`` images; and, for scale, step mode's
+    output at T against the ANN's (a spike that flips on a rounding difference moves the output by as much)."""
+    def outputs(model, images, mode):
+        model.step_mode, model.chunk = split_mode(mode)
+        return model.simulate(images, T)
+
+    ref = outputs(snn, x, "s")
+    res = {mode: _difference(outputs(snn, x, mode), ref) for mode in modes if mode != "s"}
+    res["ann"] = _difference(ref[-1:], ann(x)[None])
+    if x.is_cuda:
+        cpu = copy.deepcopy(snn).cpu()
+        res["cpu"] = _difference(ref[:, :cpu_images].cpu(), outputs(cpu, x[:cpu_images].cpu(), "s"))
     return res
 
 
@@ -243,7 +293,9 @@ def run(models, batches, timesteps, device="cpu", repeats=3, profile=True, memor
 
 def markdown(res: dict, command: str) -> str:
     Ts = res["timesteps"]
-    lines = [BEGIN, "## Speed: one timestep vs one ANN forward", "",
+    begin, end = markers(res["device"])
+    title = "" if res["device"] == "cpu" else f" ({res['device']})"
+    lines = [begin, f"## Speed{title}: one timestep vs one ANN forward", "",
              f"Measured with `{command}` on {res['date']}: {res['machine']}, device {res['device']}. "
              "Best of several interleaved timings in one process; per-step ratio = simulation seconds / T / "
              "one ANN forward's seconds (1.0 is the cost of dense simulation: one pass of the network per step).",
@@ -268,7 +320,14 @@ def markdown(res: dict, command: str) -> str:
         for kind in kinds[:12]:
             lines.append(f"| {kind} | " + " | ".join(f"{100 * r['profile'][m].get(kind, 0) / totals[m]:.1f}"
                                                      for m in MODES) + " |")
+    lines.append("")
     for name, r in res["models"].items():
+        for mode, d in r.get("agreement", {}).items():
+            what = {"cpu": "step mode on the CPU (eager, float32)", "ann": "the ANN"}.get(mode, "step mode")
+            subject = "step mode" if mode in ("cpu", "ann") else mode_label(mode)
+            steps = f"T={Ts[-1]}" if mode == "ann" else f"T = 1..{Ts[-1]}"
+            lines.append(f"- {name}, {subject} vs {what}, {steps}: largest logit difference "
+                         f"{d['max_logit_error']:.1e} of the largest logit, top-1 agreement {d['top1_agreement']:.2f}%")
         if "bf16" in r:
             if r["images"] == "random":
                 lines.append(f"- {name} has random weights: its predictions are near ties, so its bf16 agreement "
@@ -291,7 +350,7 @@ def markdown(res: dict, command: str) -> str:
                   f"of {f['steps']} steps; an epoch is {EPOCH_IMAGES:,} images at that rate):", "",
                   "| T | s per step | s per epoch |", "|---|---|---|"]
         lines += [f"| {T} | {v['step_s']:.3f} | {v['epoch_s']:.0f} |" for T, v in f["timesteps"].items()]
-    return "\n".join(lines + ["", END]) + "\n"
+    return "\n".join(lines + ["", end]) + "\n"
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
@@ -318,7 +377,8 @@ def main() -> None:
         return run(["vit_fmnist"], [8], (1, 2), a.device, repeats=1, memory=False, bf16=a.bf16,
                    finetune_timesteps=(1, 2), chunk=1)
 
-    benchmark_main("speed", __doc__, run_full=full, run_quick=quick, markdown=markdown, add_arguments=_arguments)
+    benchmark_main("speed", __doc__, run_full=full, run_quick=quick, markdown=markdown, add_arguments=_arguments,
+                   variant=lambda a: "" if a.device == "cpu" else "-" + a.device.split(":")[0])
 
 
 if __name__ == "__main__":

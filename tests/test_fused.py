@@ -162,6 +162,9 @@ def test_speed_benchmark_quick_mode_runs_and_renders():
     assert set(r["modes"]) == {"s", "m", "m1"} and all(v["per_step_ratio"] > 0 for m in r["modes"].values()
                                                 for v in m.values())
     assert "SignedIFNeuron" in r["profile"]["s"] and "ExpectationCompensation" in r["profile"]["m"]
+    assert set(r["agreement"]) == {"m", "m1", "ann"}  # multi-step, whole or in chunks, computes step mode's outputs
+    assert all(r["agreement"][m]["max_logit_error"] < 1e-5 and r["agreement"][m]["top1_agreement"] == 100
+               for m in ("m", "m1"))
     md = speed.markdown(res, "test")
     assert md.startswith(speed.BEGIN) and "| vit_fmnist | 4 |" in md and md.rstrip().endswith(speed.END)
     assert "Fine-tuning (vit_fmnist, batch 4" in md and "| 2 |" in md and "| multi-step, chunks of 1 |" in md
