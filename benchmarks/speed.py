@@ -1,7 +1,8 @@
 """Simulation speed: images/s and the cost of one SNN timestep relative to one ANN forward.
 
     python -m benchmarks.speed [--models vit_fmnist vit_base_patch16_224] [--device cuda] [--batch 64 8]
-                               [--timesteps 1 4 16] [--chunk 4] [--bf16] [--finetune-timesteps 1 2 4 8]
+                               [--timesteps 1 4 16] [--chunk 4] [--bf16] [--compile]
+                               [--finetune-timesteps 1 2 4 8]
                                [--quick]
 
 For every model (a reference model from models/zoo.py with its weights and Fashion-MNIST images, or any
@@ -13,7 +14,8 @@ calls). Reported per (mode, T): images/s and the per-step ratio (simulation seco
 seconds). Also: how far each mode's outputs are from step mode's (and on a GPU, step mode's from the CPU's),
 peak memory of the simulation (CUDA: the allocator's peak; CPU: the peak resident size of a fresh process
 running it, VmHWM), where the time goes per module
-type (self time from forward hooks, at the largest T, both modes), and with ``--bf16`` the speed and the
+type (self time from forward hooks, at the largest T, both modes), with ``--compile`` the same for the
+simulation through torch.compile (and the seconds of its first, compiling call), and with ``--bf16`` the speed and the
 effect on predictions of running the analog layers under bfloat16 autocast. With ``--peer-images N``
 (vit_fmnist, Fashion-MNIST test images): the seconds of our whole accuracy-vs-T curve for T = 1..16 (one
 anytime run, ANN reference included) against SpikingJelly's STA recipe evaluating T=16 alone on the same
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import os
 import subprocess
@@ -145,7 +148,8 @@ def peak_memory_mb(name: str, batch: int, mode: str, T: int) -> float:
 
 
 def measure(name: str, batch: int, timesteps, device: str = "cpu", repeats: int = 3, profile: bool = True,
-            memory: bool = True, bf16: bool = False, chunk: Optional[int] = None) -> dict:
+            memory: bool = True, use_bf16: bool = False, chunk: Optional[int] = None,
+            use_compile: bool = False) -> dict:
     torch.manual_seed(0)
     ann, x = model_and_images(name, batch, device)
     snn = convert(ann, x, timesteps=max(timesteps), progress=False)
@@ -176,8 +180,9 @@ def measure(name: str, batch: int, timesteps, device: str = "cpu", repeats: int 
         for mode in MODES:
             snn.step_mode = mode
             res["profile"][mode] = module_profile(snn, x, max(timesteps), device)
-    if bf16:
-        res["bf16"] = bf16_effect(snn, x, max(timesteps), device, repeats)
+    for key, variant in (("bf16", bf16 if use_bf16 else None), ("compile", compiled if use_compile else None)):
+        if variant:
+            res[key] = variant_effect(snn, x, max(timesteps), device, repeats, variant)
     if memory:
         res["peak_memory_mb"] = {m: {str(T): device_peak_memory_mb(snn, x, m, T) if x.is_cuda else
                                      peak_memory_mb(name, batch, m, T) for T in timesteps} for m in modes}
@@ -208,19 +213,37 @@ def agreement(snn, ann, x, modes, T: int, cpu_images: int = 8) -> dict:
     return res
 
 
-def bf16_effect(snn, x, T: int, device: str, repeats: int) -> dict:
-    """bfloat16 autocast around the simulation (Linear/Conv/matmul in bf16, neurons as the dtypes fall):
-    seconds per simulation in both modes, and agreement of its top-1 predictions with float32's."""
+@contextlib.contextmanager
+def bf16(snn, x):
+    """bfloat16 autocast around the simulation (Linear/Conv/matmul in bf16, neurons as the dtypes fall)."""
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+        yield
+
+
+@contextlib.contextmanager
+def compiled(snn, x):
+    """The simulation through torch.compile (the ``compile`` option), compiled at its first call."""
+    snn.compile = True
+    try:
+        yield
+    finally:
+        snn.compile = False
+
+
+def variant_effect(snn, x, T: int, device: str, repeats: int, variant) -> dict:
+    """``variant`` (bf16 or compiled) against float32 eager simulation, in both modes: the seconds of its first
+    call (compilation included), its speed-up once warm, and how far its output at T is from eager's."""
     out = {}
     for mode in MODES:
         snn.step_mode = mode
         ref = snn.simulate(x, T)[-1]
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+        with variant(snn, x):
+            first = _seconds(lambda: snn.simulate(x, T), device)
             low = snn.simulate(x, T)[-1].float()
             seconds = min(_seconds(lambda: snn.simulate(x, T), device) for _ in range(repeats))
-        fp32 = min(_seconds(lambda: snn.simulate(x, T), device) for _ in range(repeats))
-        out[mode] = {"T": T, "speedup": fp32 / seconds, "top1_agreement": float((low.argmax(-1) == ref.argmax(-1))
-                                                                                  .float().mean() * 100),
+        eager = min(_seconds(lambda: snn.simulate(x, T), device) for _ in range(repeats))
+        out[mode] = {"T": T, "speedup": eager / seconds, "first_call_s": first,
+                     "top1_agreement": float((low.argmax(-1) == ref.argmax(-1)).float().mean() * 100),
                      "max_logit_error": float((low - ref).abs().max() / ref.abs().max())}
     return out
 
@@ -272,7 +295,7 @@ def peer_timing(images: int, T: int = 16) -> dict:
 
 
 def run(models, batches, timesteps, device="cpu", repeats=3, profile=True, memory=True, bf16=False,
-        peer_images=0, finetune_timesteps=(), chunk=None) -> dict:
+        peer_images=0, finetune_timesteps=(), chunk=None, compile=False) -> dict:
     if len(batches) not in (1, len(models)):
         raise SystemExit(f"--batch takes one size or one per model ({len(models)}), got {len(batches)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -282,7 +305,7 @@ def run(models, batches, timesteps, device="cpu", repeats=3, profile=True, memor
     if device.startswith("cuda"):
         info["machine"] += f", {torch.cuda.get_device_name()}"
     res = {**info, "device": device, "timesteps": list(timesteps),
-           "models": {name: measure(name, b, list(timesteps), device, repeats, profile, memory, bf16, chunk)
+           "models": {name: measure(name, b, list(timesteps), device, repeats, profile, memory, bf16, chunk, compile)
                       for name, b in zip(models, batches)}}
     if peer_images:
         res["peer"] = peer_timing(peer_images)
@@ -328,6 +351,12 @@ def markdown(res: dict, command: str) -> str:
             steps = f"T={Ts[-1]}" if mode == "ann" else f"T = 1..{Ts[-1]}"
             lines.append(f"- {name}, {subject} vs {what}, {steps}: largest logit difference "
                          f"{d['max_logit_error']:.1e} of the largest logit, top-1 agreement {d['top1_agreement']:.2f}%")
+        if "compile" in r:
+            for mode, b in r["compile"].items():
+                lines.append(f"- {name}, torch.compile (`compile=true`), {mode_label(mode)}, T={b['T']}: "
+                             f"{b['speedup']:.2f}x the eager speed once compiled (first call, compiling: "
+                             f"{b['first_call_s']:.0f} s), top-1 agreement with eager {b['top1_agreement']:.1f}%, "
+                             f"largest logit difference {b['max_logit_error']:.1e} of the largest logit")
         if "bf16" in r:
             if r["images"] == "random":
                 lines.append(f"- {name} has random weights: its predictions are near ties, so its bf16 agreement "
@@ -360,6 +389,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time the simulation through torch.compile")
     parser.add_argument("--peer-images", type=int, default=0,
                         help="also time the T=1..16 curve against SpikingJelly's T=16 on this many test images")
     parser.add_argument("--chunk", type=int, default=4, help="also time multi-step mode in chunks of this many "
@@ -370,7 +400,8 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 def main() -> None:
     def full(a):
-        return run(a.models, a.batch, a.timesteps, a.device, a.repeats, bf16=a.bf16, peer_images=a.peer_images,
+        return run(a.models, a.batch, a.timesteps, a.device, a.repeats, bf16=a.bf16, compile=a.compile,
+                   peer_images=a.peer_images,
                    finetune_timesteps=a.finetune_timesteps, chunk=a.chunk or None)
 
     def quick(a):  # seconds: the small reference model, small batch, no memory probes

@@ -29,7 +29,7 @@ DEFAULTS: Dict[str, Any] = dict(neuron="signed_if", levels=1, v_init=None, codin
                                 percentile=99.5, per_channel=True, per_token=True, correction="none", num_images=None,
                                 attention="ecm",
                                 mask_p=0.0, mask_rescale=False, residual="membrane", norm="ecm", step_mode="s",
-                                chunk=None, progress=True)
+                                chunk=None, compile=False, progress=True)
 
 
 def check_options(options: Dict[str, Any]) -> Dict[str, Any]:
@@ -72,7 +72,8 @@ def build_spiking(ann: nn.Module, timesteps: int, options: Dict[str, Any],
     set_coding(net, opts["coding"], float(opts["hysteresis"]))
     if rewriter.specialised:  # shape-dependent code was fixed to the conversion's image size
         inputs["dynamic"] = False
-    snn = SpikingModel(net, timesteps, opts, step_mode=opts["step_mode"], chunk=opts["chunk"], inputs=inputs)
+    snn = SpikingModel(net, timesteps, opts, step_mode=opts["step_mode"], chunk=opts["chunk"], inputs=inputs,
+                       compile=opts["compile"])
     snn.to(device)  # the rewrite's new modules (neurons, compensations) are made on the CPU
     snn.architecture = architecture_of(ann)
     return snn

@@ -109,6 +109,7 @@ class Config:
     timesteps: int = MISSING
     step_mode: str = MISSING
     chunk: Optional[int] = None
+    compile: bool = MISSING
     device: str = MISSING
     seed: int = MISSING
     out: Optional[str] = None
@@ -176,5 +177,5 @@ def convert_options(cfg: DictConfig) -> Dict[str, Any]:
                 attention=cfg.attention.name, mask_p=cfg.attention.mask_p,
                 mask_rescale=cfg.attention.mask_rescale, residual=cfg.attention.residual,
                 norm=cfg.attention.norm,
-                step_mode=cfg.step_mode, chunk=cfg.chunk,
+                step_mode=cfg.step_mode, chunk=cfg.chunk, compile=cfg.compile,
                 progress=cfg.progress)

@@ -1,12 +1,29 @@
 """The converted network and its simulation over T timesteps."""
 from __future__ import annotations
 
+import weakref
+from contextlib import contextmanager
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 from models.state import run_steps
+
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for compile=True
+# one compiled wrapper per network, made at its first simulation and kept apart from the module tree (so not saved)
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def _recompile_limits(limit: int = 1024):
+    """Room for one graph per distinct rewritten module (each has its own traced code), and for the step
+    index turning from a constant into a variable: torch's default of 8 recompilations falls back to eager."""
+    import torch._dynamo.config as dynamo
+    names = [n for n in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                         "accumulated_cache_size_limit") if hasattr(dynamo, n)]
+    with dynamo.patch(**{n: max(limit, getattr(dynamo, n)) for n in names}):
+        yield
 
 
 def check_timesteps(timesteps: Any) -> int:
@@ -55,7 +72,7 @@ class SpikingModel(nn.Module):
     """A converted ViT: ``simulate`` runs it for T steps; ``forward`` returns the mean output over T."""
 
     def __init__(self, net: nn.Module, timesteps: int, options: Dict[str, Any], step_mode: str = "s",
-                 inputs: Optional[Dict[str, Any]] = None, chunk: Optional[int] = None) -> None:
+                 inputs: Optional[Dict[str, Any]] = None, chunk: Optional[int] = None, compile: bool = False) -> None:
         super().__init__()
         self.net = net
         self.inputs = inputs or input_spec(net)  # the images the network takes (see input_spec)
@@ -65,6 +82,7 @@ class SpikingModel(nn.Module):
             raise ValueError(f"unknown step_mode {step_mode!r}: use 's' (step) or 'm' (multi-step)")
         self.step_mode = step_mode
         self.chunk = chunk  # multi-step mode: steps per call (None: all T); memory grows with it, not with T
+        self.compile = compile  # simulate through torch.compile (compiled at the first simulation)
         self.calibration_report: Dict[str, dict] = {}
         self.finetune_report: Optional[Dict[str, Any]] = None
         self.architecture: Optional[Dict[str, Any]] = None  # timm name and kwargs of the ANN, for checkpoints
@@ -75,7 +93,13 @@ class SpikingModel(nn.Module):
         T = check_timesteps(self.timesteps if timesteps is None else timesteps)
         check_images(self.inputs, x)
         x = x.to(next(self.net.parameters()).device)
-        out = run_steps(self.net, x, T, self.step_mode, chunk=self.chunk)
+        if self.compile:
+            if self.net not in _COMPILED:
+                _COMPILED[self.net] = torch.compile(self.net, backend=COMPILE_BACKEND)
+            with _recompile_limits():
+                out = run_steps(_COMPILED[self.net], x, T, self.step_mode, chunk=self.chunk)
+        else:
+            out = run_steps(self.net, x, T, self.step_mode, chunk=self.chunk)
         steps = torch.arange(1, T + 1, dtype=out.dtype, device=out.device).reshape(-1, *([1] * (out.dim() - 1)))
         return torch.cumsum(out, 0) / steps
 

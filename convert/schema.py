@@ -204,6 +204,8 @@ def keys() -> List[Key]:
         Key("step_mode", "choice", "step (s) or multi-step (m) simulation", choices=("s", "m"), api="step_mode"),
         Key("chunk", "int", "multi-step mode: steps per call (null: all T)", low=1, high=MAX_TIMESTEPS, nullable=True,
             api="chunk"),
+        Key("compile", "bool", "simulate through torch.compile (faster on GPUs, compiled at the first simulation)",
+            api="compile"),
         Key("device", "device", "where to run"),
         Key("seed", "int", "random seed", low=0, high=2 ** 63 - 1),
         Key("out", "str", "output folder (null: runs/<date>_<time>_<model>)", nullable=True),

@@ -2,6 +2,8 @@
 the reference path computes (out of place; taken under autograd), and no output, once returned, is changed by
 a later step. The fine-tuning path (a neuron's T steps as one autograd Function with its backward pass in
 closed form) gives the step-by-step graph's outputs bitwise and its gradients."""
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -12,10 +14,12 @@ from models.ecm import ExpectationCompensation, SpikeProduct
 from models.neurons import Surrogate
 from models.families import tiny
 from models.state import reset_net, run_steps, set_step_mode
+from tests.conftest import build
 from tests.test_ecm import FUNCTIONS, _randomise
 from tests.test_families import images
 from tests.test_neurons import NEURONS
 from convert import convert
+from models.zoo import create_ann
 
 
 def _both_paths(module, xs, mode):
@@ -168,5 +172,28 @@ def test_speed_benchmark_quick_mode_runs_and_renders():
     md = speed.markdown(res, "test")
     assert md.startswith(speed.BEGIN) and "| vit_fmnist | 4 |" in md and md.rstrip().endswith(speed.END)
     assert "Fine-tuning (vit_fmnist, batch 4" in md and "| 2 |" in md and "| multi-step, chunks of 1 |" in md
+    # a variant that changes nothing (bf16 and compile are the real ones) measures no difference in either mode
+    snn = convert(create_ann("vit_fmnist"), images(28, 4, seed=0)[:, :1], timesteps=2, progress=False)
+    same = speed.variant_effect(snn, images(28, 4, seed=1)[:, :1], 2, "cpu", 1, lambda *_: contextlib.nullcontext())
+    assert set(same) == {"s", "m"} and all(v["max_logit_error"] == 0 and v["top1_agreement"] == 100 and
+                                           v["first_call_s"] > 0 for v in same.values())
     with pytest.raises(SystemExit, match="one per model"):
         speed.run(["vit_fmnist", "vit_fmnist"], [4, 4, 4], (1,))
+
+
+def test_compiled_simulation_is_the_eager_one_and_is_not_saved(monkeypatch, tmp_path):
+    """compile=True runs the same computation through torch.compile (graph capture by dynamo; the aot_eager
+    backend here, which skips the C++ code generation of the default inductor): float64 outputs equal eager's
+    to rounding; the compiled wrapper stays out of the state dict, and checkpoints keep the option."""
+    from convert import load, network, save
+    monkeypatch.setattr(network, "COMPILE_BACKEND", "aot_eager")
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 16, 16)
+    snn = convert(build("cls_token"), x, timesteps=4, progress=False, compile=True)
+    keys = set(snn.state_dict())
+    snn = snn.double()
+    out = snn.simulate(x.double())
+    assert network._COMPILED.get(snn.net) is not None and set(snn.state_dict()) == keys
+    snn.compile = False
+    torch.testing.assert_close(out, snn.simulate(x.double()), rtol=1e-12, atol=1e-12)
+    assert load(save(snn.float(), tmp_path / "snn.safetensors")).options["compile"]
