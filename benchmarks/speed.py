@@ -180,8 +180,8 @@ def measure(name: str, batch: int, timesteps, device: str = "cpu", repeats: int 
         for mode in MODES:
             snn.step_mode = mode
             res["profile"][mode] = module_profile(snn, x, max(timesteps), device)
-    for key, variant in (("bf16", bf16 if use_bf16 else None), ("compile", compiled if use_compile else None)):
-        if variant:
+    for key, variant, wanted in (("bf16", bf16, use_bf16), ("compile", through_compile, use_compile)):
+        if wanted:
             res[key] = variant_effect(snn, x, max(timesteps), device, repeats, variant)
     if memory:
         res["peak_memory_mb"] = {m: {str(T): device_peak_memory_mb(snn, x, m, T) if x.is_cuda else
@@ -221,18 +221,18 @@ def bf16(snn, x):
 
 
 @contextlib.contextmanager
-def compiled(snn, x):
+def through_compile(snn, x):
     """The simulation through torch.compile (the ``compile`` option), compiled at its first call."""
-    snn.compile = True
+    snn.compiled = True
     try:
         yield
     finally:
-        snn.compile = False
+        snn.compiled = False
 
 
 def variant_effect(snn, x, T: int, device: str, repeats: int, variant) -> dict:
-    """``variant`` (bf16 or compiled) against float32 eager simulation, in both modes: the seconds of its first
-    call (compilation included), its speed-up once warm, and how far its output at T is from eager's."""
+    """``variant`` (bf16 or through_compile) against float32 eager simulation, in both modes: the seconds of its
+    first call (compilation included), its speed-up once warm, and how far its output at T is from eager's."""
     out = {}
     for mode in MODES:
         snn.step_mode = mode

@@ -1,7 +1,6 @@
 """The converted network and its simulation over T timesteps."""
 from __future__ import annotations
 
-import weakref
 from contextlib import contextmanager
 from typing import Any, Dict, Optional, Sequence
 
@@ -11,8 +10,6 @@ from torch import nn
 from models.state import run_steps
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for compile=True
-# one compiled wrapper per network, made at its first simulation and kept apart from the module tree (so not saved)
-_COMPILED: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
 
 
 @contextmanager
@@ -82,7 +79,7 @@ class SpikingModel(nn.Module):
             raise ValueError(f"unknown step_mode {step_mode!r}: use 's' (step) or 'm' (multi-step)")
         self.step_mode = step_mode
         self.chunk = chunk  # multi-step mode: steps per call (None: all T); memory grows with it, not with T
-        self.compile = compile  # simulate through torch.compile (compiled at the first simulation)
+        self.compiled = compile  # the compile option: simulate through torch.compile (nn.Module.compile stays)
         self.calibration_report: Dict[str, dict] = {}
         self.finetune_report: Optional[Dict[str, Any]] = None
         self.architecture: Optional[Dict[str, Any]] = None  # timm name and kwargs of the ANN, for checkpoints
@@ -93,11 +90,10 @@ class SpikingModel(nn.Module):
         T = check_timesteps(self.timesteps if timesteps is None else timesteps)
         check_images(self.inputs, x)
         x = x.to(next(self.net.parameters()).device)
-        if self.compile:
-            if self.net not in _COMPILED:
-                _COMPILED[self.net] = torch.compile(self.net, backend=COMPILE_BACKEND)
+        if self.compiled:  # a wrapper per call, outside the module tree; torch keeps the compiled code between calls
             with _recompile_limits():
-                out = run_steps(_COMPILED[self.net], x, T, self.step_mode, chunk=self.chunk)
+                net = torch.compile(self.net, backend=COMPILE_BACKEND)
+                out = run_steps(net, x, T, self.step_mode, chunk=self.chunk)
         else:
             out = run_steps(self.net, x, T, self.step_mode, chunk=self.chunk)
         steps = torch.arange(1, T + 1, dtype=out.dtype, device=out.device).reshape(-1, *([1] * (out.dim() - 1)))
