@@ -4,8 +4,10 @@ The ANN's activations for one image are counted on fake tensors (no computation,
 of every leaf module's output, M = the largest of them. The SNN keeps about 2 A elements per image between
 steps (membranes, running sums and previous values of the expectation-compensated functions and products);
 a step adds transients of about 4 M. Multi-step mode keeps no state but holds each layer for all T steps at
-once (about 6 M T); fine-tuning (BPTT in multi-step mode) stores every activation of every step for the
-backward pass (about 3 A T, a third of it with block recomputation). float32: 4 bytes an element.
+once (about 6 M T; in chunks of c steps 6 M c, plus the 2 A of state the chunks carry); fine-tuning (BPTT
+in multi-step mode) stores every activation of every step for the backward pass (about 3 A T, a third of it
+with block recomputation). float32: 4 bytes an element. Measured on an H200 (BENCHMARKS.md), ViT-S/ViT-B at
+batch 64 and T=16 need 0.65-0.85x these estimates.
 """
 from __future__ import annotations
 
