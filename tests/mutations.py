@@ -67,6 +67,8 @@ MUTATIONS: List[Mutation] = [
              "cur = _divided(cur, self.step_index(cur) + self.t)",
              "cur = _divided(cur, (self.step_index(cur) + self.t) * (1 + 1e-9))",
              ("tests/test_convert.py::-k bitwise_in_float64",)),
+    Mutation("compile-option-ignored", "convert/network.py", "        if self.compiled:", "        if False:",
+             ("tests/test_fused.py::-k compiled",)),
     Mutation("differential-sends-the-level-again", "models/neurons.py", "            out = out - self._prior\n",
              "", ("tests/test_coding.py::-k receiver",)),
     Mutation("hysteresis-band-ignores-s", "models/neurons.py",

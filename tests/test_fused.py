@@ -185,6 +185,8 @@ def test_compiled_simulation_is_the_eager_one_and_is_not_saved(monkeypatch, tmp_
     """compile=True runs the same computation through torch.compile (graph capture by dynamo; the aot_eager
     backend here, which skips the C++ code generation of the default inductor): float64 outputs equal eager's
     to rounding; nothing compiled enters the state dict, and checkpoints keep the option."""
+    from torch._dynamo.utils import counters
+
     from convert import load, network, save
     monkeypatch.setattr(network, "COMPILE_BACKEND", "aot_eager")
     torch.manual_seed(1)
@@ -192,7 +194,9 @@ def test_compiled_simulation_is_the_eager_one_and_is_not_saved(monkeypatch, tmp_
     snn = convert(build("cls_token"), x, timesteps=4, progress=False, compile=True)
     keys = set(snn.state_dict())
     snn = snn.double()
+    counters.clear()
     out = snn.simulate(x.double())
+    assert counters["frames"]["ok"] > 0  # dynamo captured the simulation's frames
     assert set(snn.state_dict()) == keys
     snn.compiled = False
     torch.testing.assert_close(out, snn.simulate(x.double()), rtol=1e-12, atol=1e-12)
