@@ -59,6 +59,12 @@ def split_mode(mode: str):
     return mode[0], (int(mode[1:]) if len(mode) > 1 else None)
 
 
+def simulate_in(snn, x, mode: str, T: int) -> torch.Tensor:
+    """``snn.simulate(x, T)`` in ``mode`` ('s', 'm' or 'm<c>'), which stays set on ``snn``."""
+    snn.step_mode, snn.chunk = split_mode(mode)
+    return snn.simulate(x, T)
+
+
 def mode_label(mode: str) -> str:
     step_mode, chunk = split_mode(mode)
     return "step" if step_mode == "s" else "multi-step" + (f", chunks of {chunk}" if chunk else "")
@@ -120,11 +126,10 @@ def module_profile(snn, x, timesteps: int, device: str = "cpu") -> Dict[str, flo
 def device_peak_memory_mb(snn, x, mode: str, T: int) -> float:
     """Peak memory (MB) of simulating T steps on a GPU above what was allocated before: the CUDA allocator's
     peak, in this process."""
-    snn.step_mode, snn.chunk = split_mode(mode)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    snn.simulate(x, T)
+    simulate_in(snn, x, mode, T)
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
@@ -155,20 +160,15 @@ def measure(name: str, batch: int, timesteps, device: str = "cpu", repeats: int 
     snn = convert(ann, x, timesteps=max(timesteps), progress=False)
     modes = MODES + ((f"m{chunk}",) if chunk else ())
     best = {"ann": float("inf"), **{(m, T): float("inf") for m in modes for T in timesteps}}
-
-    def simulate(mode, T):
-        snn.step_mode, snn.chunk = split_mode(mode)
-        snn.simulate(x, T)
-
     with torch.no_grad():
         ann(x)  # warm-up: first calls allocate and pick kernels
         for mode in modes:
-            simulate(mode, min(timesteps))
+            simulate_in(snn, x, mode, min(timesteps))
         for _ in range(repeats):
             best["ann"] = min(best["ann"], _seconds(lambda: ann(x), device))
             for mode in modes:
                 for T in timesteps:
-                    best[mode, T] = min(best[mode, T], _seconds(lambda: simulate(mode, T), device))
+                    best[mode, T] = min(best[mode, T], _seconds(lambda: simulate_in(snn, x, mode, T), device))
     res = {"batch": batch, "images": "Fashion-MNIST (bundled)" if name in FMNIST_MODELS else "random",
            "input": list(x.shape[1:]), "ann_forward_s": best["ann"], "ann_images_per_s": batch / best["ann"],
            "modes": {m: {str(T): {"simulate_s": best[m, T], "images_per_s": batch / best[m, T],
@@ -190,7 +190,7 @@ def measure(name: str, batch: int, timesteps, device: str = "cpu", repeats: int 
 
 
 def _difference(out: torch.Tensor, ref: torch.Tensor) -> dict:
-    """Largest |out - ref| over the largest |ref|, and top-1 agreement (%), of two [T, B, classes] outputs."""
+    """Largest |out - ref| over the largest |ref|, and top-1 agreement (%), of two outputs [..., classes]."""
     return {"max_logit_error": float((out - ref).abs().max() / ref.abs().max()),
             "top1_agreement": float((out.argmax(-1) == ref.argmax(-1)).float().mean() * 100)}
 
@@ -200,16 +200,12 @@ def agreement(snn, ann, x, modes, T: int, cpu_images: int = 8) -> dict:
     """Every mode's outputs over T steps against step mode's on the same inputs (all steps); on a GPU step
     mode's against the CPU's eager step mode for the first ``cpu_images`` images; and, for scale, step mode's
     output at T against the ANN's (a spike that flips on a rounding difference moves the output by as much)."""
-    def outputs(model, images, mode):
-        model.step_mode, model.chunk = split_mode(mode)
-        return model.simulate(images, T)
-
-    ref = outputs(snn, x, "s")
-    res = {mode: _difference(outputs(snn, x, mode), ref) for mode in modes if mode != "s"}
+    ref = simulate_in(snn, x, "s", T)
+    res = {mode: _difference(simulate_in(snn, x, mode, T), ref) for mode in modes if mode != "s"}
     res["ann"] = _difference(ref[-1:], ann(x)[None])
     if x.is_cuda:
         cpu = copy.deepcopy(snn).cpu()
-        res["cpu"] = _difference(ref[:, :cpu_images].cpu(), outputs(cpu, x[:cpu_images].cpu(), "s"))
+        res["cpu"] = _difference(ref[:, :cpu_images].cpu(), simulate_in(cpu, x[:cpu_images].cpu(), "s", T))
     return res
 
 
@@ -242,9 +238,7 @@ def variant_effect(snn, x, T: int, device: str, repeats: int, variant) -> dict:
             low = snn.simulate(x, T)[-1].float()
             seconds = min(_seconds(lambda: snn.simulate(x, T), device) for _ in range(repeats))
         eager = min(_seconds(lambda: snn.simulate(x, T), device) for _ in range(repeats))
-        out[mode] = {"T": T, "speedup": eager / seconds, "first_call_s": first,
-                     "top1_agreement": float((low.argmax(-1) == ref.argmax(-1)).float().mean() * 100),
-                     "max_logit_error": float((low - ref).abs().max() / ref.abs().max())}
+        out[mode] = {"T": T, "speedup": eager / seconds, "first_call_s": first, **_difference(low, ref)}
     return out
 
 
