@@ -17,6 +17,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from convert import convert, energy_report
+from convert import convert, energy_report, finetune
 from convert.evaluate import evaluate
 from models.data import fashion_mnist
 from models.zoo import create_ann
@@ -69,6 +70,30 @@ def accuracy_and_energy(snn, loader, T: int, energy_images: torch.Tensor) -> dic
     return {"top1": r["top1"][-1], "ann_top1": r["ann_top1"], "energy": e["energy_snn_pj"] / e["energy_ann_pj"],
             "strict": e["energy_snn_strict_pj"] / e["energy_ann_pj"], "events": sum(rates) / len(rates),
             "analog_share": e["analog_share"], "ann_uj": e["energy_ann_pj"] / 1e6}
+
+
+def finetune_curve(ann, calib, options: dict, T: int, recipe: dict, epochs: int, points, loader, train,
+                   energy_images: torch.Tensor, label: str = "") -> dict:
+    """``accuracy_and_energy`` of the conversion at T with ``options``, training-free (key 0) and after each of
+    ``points`` epochs of one fine-tuning run of ``epochs`` epochs on ``train`` (batch 64, one schedule; the run
+    stops at each point and resumes from its checkpoint: the same weights as one run); 'seconds': cumulative
+    fine-tuning time. ``recipe``: fine-tuning options on top of conf/finetune/bptt.yaml."""
+    snn = convert(ann, calib, timesteps=T, progress=False, **options)
+    rows = {0: {**accuracy_and_energy(snn, loader, T, energy_images), "seconds": 0.0}}
+    print(f"{label} 0 epochs: {rows[0]['top1']:.2f}", flush=True)
+    steps_per_epoch, seconds = -(-len(train) // 64), 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "ft.safetensors"
+        for point in [p for p in points if p <= epochs]:
+            resume = ckpt if ckpt.exists() else None
+            snn = convert(ann, calib, timesteps=T, progress=False, **options)  # the teacher is the ANN
+            t0 = time.time()
+            finetune(snn, train, epochs=epochs, batch_size=64, max_steps=max(1, round(point * steps_per_epoch)),
+                     resume=resume, checkpoint_path=ckpt, progress=False, **recipe)
+            seconds += time.time() - t0
+            rows[point] = {**accuracy_and_energy(snn, loader, T, energy_images), "seconds": seconds}
+            print(f"{label} {point} epochs: {rows[point]['top1']:.2f} ({seconds:.0f} s)", flush=True)
+    return rows
 
 
 def timing(ann, x, T: int = 8, repeats: int = 3):

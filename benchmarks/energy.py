@@ -1,23 +1,28 @@
-"""Accuracy per energy: coding x neuron x levels x T, training-free, and the Pareto front of both accountings.
+"""Accuracy per energy: coding x neuron x levels x T, training-free and fine-tuned, and the Pareto front of both
+accountings.
 
     python -m benchmarks.energy [--models vit_fmnist vit_fmnist_gap] [--eval-images N] [--energy-images 64]
+    python -m benchmarks.energy --finetuned 'event penalty 30' ...  # only these fine-tuning runs; the rest stays
     python -m benchmarks.energy --quick     # vit_fmnist, 500 test images, a few points
 
 For every model and every point of the grid (rate coding: signed IF L = 1, 2, 4 and the multi-threshold
 neuron; differential coding: signed IF L = 1, 2, 4 with hysteresis 0, 1/4, 1/2; T = 1 .. 16), one conversion
 with the thresholds chosen for that T, top-1 at step T on the test images and the energy per image of
 ``convert.energy_report`` (standard: one SOP per event; strict: every value sent with |k| > 1 is a MAC) on the
-first ``--energy-images`` of them. The front keeps the points no other point beats on both accuracy and
-energy. Writes benchmarks/results/energy.json and energy.png and the ``energy`` section of BENCHMARKS.md.
+first ``--energy-images`` of them. Fine-tuned points (``FINETUNED``): one grid point fine-tuned on the
+training split with a recipe (conf/finetune/bptt.yaml plus its options), measured after each of ``EPOCHS``
+epochs of one run; a run with ``--finetuned`` replaces only its own recipes' points in the saved results. The
+front keeps the points, training-free or fine-tuned, no other point beats on both accuracy and energy. Writes benchmarks/results/energy.json and energy.png and the ``energy`` section of BENCHMARKS.md.
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Dict, List
 
 from torch.utils.data import DataLoader, Subset
 
-from benchmarks.core import accuracy_and_energy, calibration_images, machine_info
+from benchmarks.core import accuracy_and_energy, calibration_images, command_line, finetune_curve, machine_info
 from benchmarks.outputs import benchmark_main
 from convert import convert
 from models.data import fashion_mnist
@@ -42,6 +47,15 @@ QUICK = {k: (v[0], (2, 4)) for k, v in GRID.items() if k in
           "differential, signed IF L=4, s=1/2")}
 
 
+# fine-tuned points: recipe -> (grid variant, T, fine-tuning options on top of conf/finetune/bptt.yaml, epochs)
+FINETUNED: Dict[str, tuple] = {
+    "defaults": ("rate, signed IF L=1", 4, {}, 2),
+    "event penalty 30": ("rate, signed IF L=1", 4, dict(event_penalty=30.0), 2),
+    "event penalty 100": ("rate, signed IF L=1", 4, dict(event_penalty=100.0), 2),
+}
+EPOCHS = (0.5, 1, 2)
+
+
 def measure(models: List[str], grid: Dict[str, tuple], eval_images, energy_images: int) -> dict:
     test_data = fashion_mnist("test")
     test = test_data.dataset if eval_images is None else Subset(test_data.dataset, range(eval_images))
@@ -63,6 +77,35 @@ def measure(models: List[str], grid: Dict[str, tuple], eval_images, energy_image
                       f"{p['energy']:.3f}x / strict {p['strict']:.3f}x", flush=True)
         out["models"][name] = {"ann_top1": points[0]["ann_top1"], "ann_uj": points[0]["ann_uj"], "points": points}
     return out
+
+
+def measure_finetuned(models: List[str], recipes: List[str], eval_images, energy_images: int, train_images=None,
+                      epochs=EPOCHS) -> dict:
+    """The ``FINETUNED`` recipes' points: {"models": {model: {recipe: [point after each of ``epochs``]}}, ...}."""
+    test_data = fashion_mnist("test")
+    test = test_data.dataset if eval_images is None else Subset(test_data.dataset, range(eval_images))
+    train = fashion_mnist("train").dataset
+    train = train if train_images is None else Subset(train, range(train_images))
+    loader, energy_x, calib = DataLoader(test, batch_size=250), test_data.dataset.tensors[0][:energy_images], \
+        calibration_images()
+    out = {"images": len(test), "train_images": len(train), "models": {}}
+    for name in models:
+        ann, out["models"][name] = create_ann(name), {}
+        for recipe in recipes:
+            variant, T, options, length = FINETUNED[recipe]
+            rows = finetune_curve(ann, calib, GRID[variant][0], T, options, length, epochs, loader, train, energy_x,
+                                  label=f"{name} {variant} T={T} {recipe}")
+            out["models"][name][recipe] = [{"variant": f"{variant} + fine-tuned, {recipe}", "T": T, "epochs": e, **r}
+                                 for e, r in rows.items() if e]
+    return out
+
+
+def _all_points(m: dict) -> List[dict]:
+    return m["points"] + [p for rows in m.get("finetuned", {}).values() for p in rows]
+
+
+def _label(p: dict) -> str:
+    return f"{p['variant']} T={p['T']}" + (f" after {p['epochs']} epochs" if "epochs" in p else "")
 
 
 def front(points: List[dict], key: str) -> List[dict]:
@@ -96,7 +139,16 @@ def figure(res: dict):
                 for p in pts:
                     ax.annotate(str(p["T"]), (p[key], p["top1"]), fontsize=6, xytext=(2, 2),
                                 textcoords="offset points")
-            edge = front(m["points"], key)
+            for j, (recipe, rows) in enumerate(m.get("finetuned", {}).items()):
+                variant, T = rows[0]["variant"].split(" + ")[0], rows[0]["T"]
+                start = [p for p in m["points"] if p["variant"] == variant and p["T"] == T]
+                pts = start + sorted(rows, key=lambda p: p["epochs"])
+                ax.plot([p[key] for p in pts], [p["top1"] for p in pts], ":", marker="*", ms=7, color=f"C{j % 10}",
+                        markevery=list(range(len(start), len(pts))), label=f"T={T} fine-tuned: {recipe}")
+                for p in rows:
+                    ax.annotate(f"{p['epochs']}e", (p[key], p["top1"]), fontsize=6, xytext=(2, -7),
+                                textcoords="offset points")
+            edge = front(_all_points(m), key)
             ax.plot([p[key] for p in edge], [p["top1"] for p in edge], color="black", lw=2.5, alpha=0.25,
                     label="Pareto front")
             ax.axhline(m["ann_top1"], color="black", ls=":", lw=1, label=f"ANN {m['ann_top1']:.2f}%")
@@ -109,14 +161,15 @@ def figure(res: dict):
             ax.set_ylim(max(lo - 3, 0), m["ann_top1"] + 1)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6, ncol=1, loc="lower right")
-    fig.suptitle("Accuracy per energy, training-free (solid: rate coding, dashed: differential)", fontsize=10)
+    fig.suptitle("Accuracy per energy (solid: rate coding, dashed: differential, stars: fine-tuned for the epochs "
+                 "written beside them)", fontsize=10)
     fig.tight_layout()
     return fig
 
 
 def markdown(res: dict, command: str) -> str:
-    lines = [BEGIN, "## Accuracy per energy: coding x neuron x levels x T (training-free)", "",
-             f"Measured with `{command}` on {res['date']}: {res['machine']}; top-1 at step T on {res['images']} "
+    lines = [BEGIN, "## Accuracy per energy: coding x neuron x levels x T, training-free and fine-tuned", "",
+             f"Measured with `{res.get('grid_command', command)}` on {res['date']}: {res['machine']}; top-1 at step T on {res['images']} "
              f"test images, energy on the first {res['energy_images']} ({res['data']}). Energy is the SNN's per image "
              "over T steps divided by the ANN's (DESIGN section 6, `convert/energy.py`); standard: one SOP per event, "
              "strict: a value sent with |k| > 1 costs one MAC per synapse. `events`: mean events per neuron per step. "
@@ -125,24 +178,54 @@ def markdown(res: dict, command: str) -> str:
     for name, m in res["models"].items():
         ann = m["ann_top1"]
         lines += [f"### {name} (ANN {ann:.2f}%, {m['ann_uj']:.1f} uJ per image)", ""]
+        points = _all_points(m)
         for key, label in (("energy", "standard"), ("strict", "strict")):
-            best = [cheapest_within(m["points"], ann, d, key) for d in (0.5, 1.0)]
+            best = [cheapest_within(points, ann, d, key) for d in (0.5, 1.0)]
             lines.append(f"- cheapest point, {label} accounting: " + "; ".join(
-                f"within {d} pt: " + (f"{p['variant']} T={p['T']}, {p['top1']:.2f}% at {p[key]:.2f}x" if p else "none")
+                f"within {d} pt: " + (f"{_label(p)}, {p['top1']:.2f}% at {p[key]:.2f}x" if p else "none")
                 for d, p in zip((0.5, 1.0), best)))
+        on = {_label(p) for key in ("energy", "strict") for p in front(points, key)}
+        if m.get("finetuned"):
+            lines += ["", f"Fine-tuned on {m['train_images']} training images (batch 64, one cosine schedule over "
+                      "the recipe's epochs, conf/finetune/bptt.yaml plus the recipe's options), measured on the run's "
+                      f"way; top-1 on {m['finetuned_images']} test images, energy on the first "
+                      f"{res['energy_images']}; s: cumulative fine-tuning seconds. Measured with " +
+                      "; ".join(f"`{r['command']}` ({r['date']})" for r in m["finetuned_runs"]) + ".", "",
+                      "| start | T | recipe | epochs | top-1 | drop | energy (x ANN) | strict (x ANN) | events | s | "
+                      "on the front |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for recipe, rows in m["finetuned"].items():
+                for p in rows:
+                    lines.append(f"| {p['variant'].split(' + ')[0]} | {p['T']} | {recipe} | {p['epochs']} | "
+                                 f"{p['top1']:.2f} | {ann - p['top1']:.2f} | {p['energy']:.3f} | {p['strict']:.3f} | "
+                                 f"{p['events']:.3f} | {p['seconds']:.0f} | {'yes' if _label(p) in on else ''} |")
         lines += ["", "| variant | T | top-1 | drop | energy (x ANN) | strict (x ANN) | events | on the front |",
                   "|---|---|---|---|---|---|---|---|"]
-        on = {(p["variant"], p["T"]) for key in ("energy", "strict") for p in front(m["points"], key)}
         for p in m["points"]:
             lines.append(f"| {p['variant']} | {p['T']} | {p['top1']:.2f} | {ann - p['top1']:.2f} | {p['energy']:.3f} | "
-                         f"{p['strict']:.3f} | {p['events']:.3f} | {'yes' if (p['variant'], p['T']) in on else ''} |")
+                         f"{p['strict']:.3f} | {p['events']:.3f} | {'yes' if _label(p) in on else ''} |")
         lines.append("")
     lines.append(END)
     return "\n".join(lines) + "\n"
 
 
 def _run(args, grid):
-    res = {**measure(args.models, grid, args.eval_images, args.energy_images), "quick": args.quick}
+    if args.finetuned:  # only these recipes' points are measured; everything else saved stays
+        res = json.loads((args.out / "energy.json").read_text())
+        res.setdefault("grid_command", res["command"])
+        new = measure_finetuned(args.models, args.finetuned, args.eval_images, args.energy_images, args.train_images)
+        run = {"command": command_line("benchmarks.energy"), "date": machine_info("")["date"]}
+        for name, recipes in new["models"].items():
+            m = res["models"][name]
+            m["finetuned"] = {**m.get("finetuned", {}), **recipes}
+            m.update(finetuned_images=new["images"], train_images=new["train_images"])
+            m["finetuned_runs"] = m.get("finetuned_runs", []) + [run]
+    else:
+        saved = args.out / "energy.json"
+        old = json.loads(saved.read_text())["models"] if saved.exists() and not args.quick else {}
+        res = {**measure(args.models, grid, args.eval_images, args.energy_images), "quick": args.quick,
+               "grid_command": command_line("benchmarks.energy")}
+        for name, m in res["models"].items():  # the fine-tuned points stay
+            m.update({k: v for k, v in old.get(name, {}).items() if k.startswith("finetuned") or k == "train_images"})
     fig = figure(res)
     args.out.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out / ("energy-quick.png" if args.quick else "energy.png"), dpi=110)
@@ -153,6 +236,9 @@ def _arguments(parser):
     parser.add_argument("--models", nargs="+", default=["vit_fmnist", "vit_fmnist_gap"])
     parser.add_argument("--eval-images", type=int, default=None, help="default: the whole test split")
     parser.add_argument("--energy-images", type=int, default=64)
+    parser.add_argument("--finetuned", nargs="+", default=[], choices=list(FINETUNED),
+                        help="run only these fine-tuning recipes (on --models) and keep the other saved results")
+    parser.add_argument("--train-images", type=int, default=None, help="fine-tuning: default the whole train split")
 
 
 def main() -> None:

@@ -22,16 +22,13 @@ A part run with 0 (``--epochs 0`` or ``--ablation-steps 0``) keeps the saved res
 from __future__ import annotations
 
 import json
-import tempfile
-import time
-from pathlib import Path
 
 from torch.utils.data import DataLoader, Subset
 
-from benchmarks.core import accuracy_and_energy, calibration_images, command_line, machine_info
+from benchmarks.core import calibration_images, command_line, finetune_curve, machine_info
 from benchmarks.outputs import benchmark_main
 from benchmarks.recipes import measure
-from convert import convert, energy_report, finetune
+from convert import convert, energy_report
 from convert.energy import LAYERS
 from convert.rewrite import TOKEN_NORMS
 from models.data import fashion_mnist
@@ -96,28 +93,12 @@ def epochs_run(variants, epochs: int, eval_images: int, train_images=None, point
     energy_x = test_data.dataset.tensors[0][:64]
     calib = calibration_images()
     ann = create_ann(MODEL)
-    steps_per_epoch = len(train) // 64 + (len(train) % 64 > 0)
+    steps_per_epoch = -(-len(train) // 64)
     out = {"images": len(loader.dataset), "epochs": epochs, "recipe": RECIPE, "steps_per_epoch": steps_per_epoch,
            "variants": {}}
     for name in variants:
         options = VARIANTS[name]
-        snn = convert(ann, calib, timesteps=T, progress=False, **options)
-        rows = {0: accuracy_and_energy(snn, loader, T, energy_x)}
-        rows[0]["seconds"] = 0.0
-        print(f"{name} 0 epochs: {rows[0]['top1']:.2f}", flush=True)
-        seconds = 0.0
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = Path(tmp) / "ft.safetensors"
-            for point in [p for p in points if p <= epochs]:
-                steps = max(1, round(point * steps_per_epoch))
-                resume = ckpt if ckpt.exists() else None
-                snn = convert(ann, calib, timesteps=T, progress=False, **options)  # the teacher is the ANN
-                t0 = time.time()
-                finetune(snn, train, epochs=epochs, batch_size=64, max_steps=steps, resume=resume,
-                         checkpoint_path=ckpt, progress=False, **recipe)
-                seconds += time.time() - t0
-                rows[point] = {**accuracy_and_energy(snn, loader, T, energy_x), "seconds": seconds}
-                print(f"{name} {point} epochs: {rows[point]['top1']:.2f} ({seconds:.0f} s)", flush=True)
+        rows = finetune_curve(ann, calib, options, T, recipe, epochs, points, loader, train, energy_x, label=name)
         key = name if recipe == RECIPE else f"{name} + " + ", ".join(f"{k} {v}" for k, v in recipe.items())
         out["variants"][key] = {"options": options, "recipe": recipe, "ann_top1": rows[0]["ann_top1"],
                                 "points": {str(k): v for k, v in rows.items()}}

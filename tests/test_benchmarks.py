@@ -67,13 +67,19 @@ def test_pareto_front_keeps_exactly_the_undominated_points(pairs):
 
 
 def test_energy_quick_runs_and_renders():
-    grid = {"rate, signed IF L=1": ({}, (2,)), "differential, signed IF L=2": (dict(coding="differential", levels=2), (2,))}
+    grid = {"rate, signed IF L=1": ({}, (4,)), "differential, signed IF L=2": (dict(coding="differential", levels=2), (2,))}
     res = energy_bench.measure(["vit_fmnist"], grid, eval_images=64, energy_images=8)
     points = res["models"]["vit_fmnist"]["points"]
     assert len(points) == 2 and all(p["strict"] >= p["energy"] > 0 for p in points)
+    tuned = energy_bench.measure_finetuned(["vit_fmnist"], ["event penalty 30"], 64, 8, train_images=64, epochs=(1,))
+    rows = tuned["models"]["vit_fmnist"]["event penalty 30"]
+    assert [(p["T"], p["epochs"]) for p in rows] == [(4, 1)] and rows[0]["seconds"] > 0
+    res["models"]["vit_fmnist"].update(finetuned=tuned["models"]["vit_fmnist"], finetuned_images=tuned["images"],
+                                       train_images=tuned["train_images"], finetuned_runs=[{"command": "c", "date": "d"}])
     energy_bench.figure(res)
     md = energy_bench.markdown(res, "test")
-    assert md.startswith(energy_bench.BEGIN) and md.rstrip().endswith(energy_bench.END) and "| rate, signed IF L=1 | 2 |" in md
+    assert md.startswith(energy_bench.BEGIN) and md.rstrip().endswith(energy_bench.END) and "| rate, signed IF L=1 | 4 |" in md
+    assert "| rate, signed IF L=1 | 4 | event penalty 30 | 1 |" in md
 
 
 def test_recipes_quick_runs_and_renders():
