@@ -24,8 +24,10 @@ from torch.utils.data import DataLoader, Subset
 
 from benchmarks.core import accuracy_and_energy, calibration_images, command_line, finetune_curve, machine_info
 from benchmarks.outputs import benchmark_main
+from benchmarks.peers import spikingjelly_run
 from convert import convert
 from models.data import fashion_mnist
+from models.torchvision_port import to_torchvision
 from models.zoo import create_ann
 
 BEGIN, END = "<!-- energy:begin -->", "<!-- energy:end -->"
@@ -54,6 +56,7 @@ FINETUNED: Dict[str, tuple] = {
     "event penalty 100": ("rate, signed IF L=1", 4, dict(event_penalty=100.0), 2),
 }
 EPOCHS = (0.5, 1, 2)
+PEER, PEER_STEPS = "SpikingJelly STA", (1, 2, 4, 8)
 
 
 def measure(models: List[str], grid: Dict[str, tuple], eval_images, energy_images: int) -> dict:
@@ -100,8 +103,35 @@ def measure_finetuned(models: List[str], recipes: List[str], eval_images, energy
     return out
 
 
+def measure_peer(models: List[str], eval_images, energy_images: int, steps=PEER_STEPS) -> dict:
+    """SpikingJelly's STA recipe on the same weights, test images and calibration (benchmarks.peers), one conversion
+    per T, its energy by the same rules (``benchmarks.peers.sta_energy``): {"models": {model: {"SpikingJelly STA":
+    [points]}}, ...}, for the models torchvision's ViT can hold (the others are named and left out)."""
+    test_data = fashion_mnist("test")
+    n = len(test_data.dataset) if eval_images is None else eval_images
+    test_x, test_y = test_data.dataset.tensors[0][:n], test_data.dataset.tensors[1][:n]
+    energy_x, calib = test_data.dataset.tensors[0][:energy_images], calibration_images()
+    out = {"images": n, "models": {}}
+    for name in models:
+        try:
+            tv = to_torchvision(create_ann(name))
+        except ValueError as e:
+            print(f"{name}: no SpikingJelly points ({e})", flush=True)
+            continue
+        points = []
+        for T in steps:
+            r = spikingjelly_run(tv, calib, test_x, test_y, T, energy_images=energy_x)
+            points.append({"variant": PEER, "T": T, "top1": r["top1"], "energy_pj": r["energy"]["energy_pj"],
+                           "strict_pj": r["energy"]["strict_pj"], "events": r["energy"]["events"],
+                           "seconds": r["convert_s"] + r["evaluate_s"]})
+            print(f"{name} {PEER} T={T}: {r['top1']:.2f}", flush=True)
+        out["models"][name] = {PEER: points}
+    return out
+
+
 def _all_points(m: dict) -> List[dict]:
-    return m["points"] + [p for rows in m.get("finetuned", {}).values() for p in rows]
+    """The grid's, the fine-tuned and the peer's points of one model."""
+    return m["points"] + [p for part in ("finetuned", "peer") for rows in m.get(part, {}).values() for p in rows]
 
 
 def _label(p: dict) -> str:
@@ -148,6 +178,12 @@ def figure(res: dict):
                 for p in rows:
                     ax.annotate(f"{p['epochs']}e", (p[key], p["top1"]), fontsize=6, xytext=(2, -7),
                                 textcoords="offset points")
+            for rows in m.get("peer", {}).values():
+                pts = sorted(rows, key=lambda p: p["T"])
+                ax.plot([p[key] for p in pts], [p["top1"] for p in pts], "-.", marker="x", color="black",
+                        label=f"{PEER} (peer, same weights)")
+                for p in pts:
+                    ax.annotate(str(p["T"]), (p[key], p["top1"]), fontsize=6, xytext=(2, 2), textcoords="offset points")
             edge = front(_all_points(m), key)
             ax.plot([p[key] for p in edge], [p["top1"] for p in edge], color="black", lw=2.5, alpha=0.25,
                     label="Pareto front")
@@ -198,6 +234,20 @@ def markdown(res: dict, command: str) -> str:
                     lines.append(f"| {p['variant'].split(' + ')[0]} | {p['T']} | {recipe} | {p['epochs']} | "
                                  f"{p['top1']:.2f} | {ann - p['top1']:.2f} | {p['energy']:.3f} | {p['strict']:.3f} | "
                                  f"{p['events']:.3f} | {p['seconds']:.0f} | {'yes' if _label(p) in on else ''} |")
+        for rows in m.get("peer", {}).values():
+            lines += ["", f"{PEER} on the same weights (benchmarks.peers: spiking_encoder mode, MSE thresholds, scale "
+                      "0.5, the image at step 1 only, one conversion per T), top-1 on "
+                      f"{m['peer_images']} test images, energy on the first {res['energy_images']} by the same rules "
+                      "(`benchmarks.peers.sta_energy`): its encoders send unbounded counts, so under the strict "
+                      "accounting a count above 1 is one MAC, cheaper than its standard count of SOPs from 6 up. "
+                      "Its LayerNorm, GELU and whole attention (softmax, both products, the output projection) are "
+                      "analog at every step. Measured with " +
+                      "; ".join(f"`{r['command']}` ({r['date']})" for r in m["peer_runs"]) + ".", "",
+                      "| T | top-1 | drop | energy (x ANN) | strict (x ANN) | events | on the front |",
+                      "|---|---|---|---|---|---|---|"]
+            for p in rows:
+                lines.append(f"| {p['T']} | {p['top1']:.2f} | {ann - p['top1']:.2f} | {p['energy']:.3f} | "
+                             f"{p['strict']:.3f} | {p['events']:.3f} | {'yes' if _label(p) in on else ''} |")
         lines += ["", "| variant | T | top-1 | drop | energy (x ANN) | strict (x ANN) | events | on the front |",
                   "|---|---|---|---|---|---|---|---|"]
         for p in m["points"]:
@@ -208,24 +258,37 @@ def markdown(res: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(res: dict, part: str, new: dict, run: dict) -> None:
+    """Put the points of a ``measure_finetuned`` or ``measure_peer`` result into ``res`` as ``part`` (its rows
+    replace those of the same name), the peer's energy relative to the ANN's, with ``run`` (command, date)."""
+    for name, rows in new["models"].items():
+        m = res["models"][name]
+        for p in (p for points in rows.values() for p in points if "energy_pj" in p):
+            p.update(energy=p["energy_pj"] / (m["ann_uj"] * 1e6), strict=p["strict_pj"] / (m["ann_uj"] * 1e6))
+        m[part] = {**m.get(part, {}), **rows}
+        m.update({f"{part}_images": new["images"], **({"train_images": new["train_images"]}
+                                                       if "train_images" in new else {})})
+        m[f"{part}_runs"] = [r for r in m.get(f"{part}_runs", []) if r["command"] != run["command"]] + [run]
+
+
 def _run(args, grid):
-    if args.finetuned:  # only these recipes' points are measured; everything else saved stays
-        res = json.loads((args.out / "energy.json").read_text())
+    saved = args.out / "energy.json"
+    parts = [("finetuned", lambda: measure_finetuned(args.models, args.finetuned, args.eval_images,
+                                                     args.energy_images, args.train_images))] if args.finetuned else []
+    parts += [("peer", lambda: measure_peer(args.models, args.eval_images, args.energy_images))] if args.peer else []
+    if parts:  # only these parts are measured; everything else saved stays
+        res = json.loads(saved.read_text())
         res.setdefault("grid_command", res["command"])
-        new = measure_finetuned(args.models, args.finetuned, args.eval_images, args.energy_images, args.train_images)
-        run = {"command": command_line("benchmarks.energy"), "date": machine_info("")["date"]}
-        for name, recipes in new["models"].items():
-            m = res["models"][name]
-            m["finetuned"] = {**m.get("finetuned", {}), **recipes}
-            m.update(finetuned_images=new["images"], train_images=new["train_images"])
-            m["finetuned_runs"] = m.get("finetuned_runs", []) + [run]
     else:
-        saved = args.out / "energy.json"
         old = json.loads(saved.read_text())["models"] if saved.exists() and not args.quick else {}
         res = {**measure(args.models, grid, args.eval_images, args.energy_images), "quick": args.quick,
                "grid_command": command_line("benchmarks.energy")}
         for name, m in res["models"].items():  # the fine-tuned points stay
             m.update({k: v for k, v in old.get(name, {}).items() if k.startswith("finetuned") or k == "train_images"})
+        parts = [("peer", lambda: measure_peer(args.models, args.eval_images, args.energy_images))]
+    run = {"command": command_line("benchmarks.energy"), "date": machine_info("")["date"]}
+    for part, measure_part in parts:
+        merge(res, part, measure_part(), run)
     fig = figure(res)
     args.out.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out / ("energy-quick.png" if args.quick else "energy.png"), dpi=110)
@@ -239,6 +302,8 @@ def _arguments(parser):
     parser.add_argument("--finetuned", nargs="+", default=[], choices=list(FINETUNED),
                         help="run only these fine-tuning recipes (on --models) and keep the other saved results")
     parser.add_argument("--train-images", type=int, default=None, help="fine-tuning: default the whole train split")
+    parser.add_argument("--peer", action="store_true",
+                        help=f"run only {PEER}'s points (on --models) and keep the other saved results")
 
 
 def main() -> None:

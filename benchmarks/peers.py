@@ -16,6 +16,7 @@ which operations stay analog.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from benchmarks.core import calibration_images, machine_info
 from benchmarks.outputs import benchmark_main
 from convert import convert
+from convert.energy import E_MAC_PJ, E_SOP_PJ
 from convert.evaluate import evaluate
 from models.data import fashion_mnist
 from models.neurons import BaseNeuron
@@ -73,7 +75,92 @@ def _our_counts(module, output):
     return module.integer_levels(output), module.events(output)
 
 
-def spikingjelly_run(tv, calib, test_x, test_y, T, stats_images=256, batch_size=256):
+def sta_forward(snn, x: torch.Tensor, T: int) -> torch.Tensor:
+    """SpikingJelly's STA network on images ``x`` as its ImageNet ViT example runs it: the image at step 1, zeros
+    after, the logits summed over T."""
+    from spikingjelly.activation_based import functional
+    functional.reset_net(snn)
+    seq = torch.zeros((T, *x.shape), dtype=x.dtype)
+    seq[0] = x
+    return snn(seq).sum(0)
+
+
+def sta_energy(snn, x: torch.Tensor, T: int) -> dict:
+    """Energy per image of SpikingJelly's STA network on images ``x``, by convert.energy's rules (4.6 pJ per MAC,
+    0.9 pJ per SOP): a layer fed by a spike encoder costs |k| x fan-out SOPs (strict: fan-out MACs for each
+    |k| > 1); a layer fed analog values costs its dense MACs at every step whose input is not zero (the image
+    arrives at step 1 only); TDLayerNorm, TDGELU and the softmax one MAC per element per step; the attention's
+    products of two real operands dense MACs per step. Returns pJ per image (standard, strict), the MACs and
+    SOPs of both accountings and the encoders' events per neuron per step."""
+    from spikingjelly.activation_based.ann2snn.operators import (TDConv2d, TDGELU, TDLayerNorm, TDLinear,
+                                                                 TDMultiheadAttention)
+    from spikingjelly.activation_based.ann2snn.recipes.sta_transformer import (_STASpikeEncoder,
+                                                                              _broadcast_channel_vector)
+    encoders = {}  # storage of a spike encoder's output -> (the encoder, the output, kept so that no analog
+    # tensor reuses the storage during the run); views and slices of the output share it
+    c = dict(macs=0.0, sops=0.0, strict_macs=0.0, strict_sops=0.0, events=0.0, neurons=0)
+
+    def levels(v):
+        """|k| of a spike encoder's output (or a view of it), None for analog values."""
+        encoder, _ = encoders.get(v.untyped_storage().data_ptr(), (None, None))
+        if encoder is None:
+            return None
+        theta = _broadcast_channel_vector(encoder.v_threshold, v, encoder.channel_dim)
+        return torch.round(v / theta.clamp(min=1e-12)).abs()
+
+    def synapse(v, fan_out: float, dense_per_step: float):
+        """``v``: [T, B, ...] input of a layer; ``dense_per_step``: its dense MACs per step and image."""
+        k = levels(v)
+        if k is None:
+            analog(dense_per_step * float(v.flatten(2).ne(0).any(-1).sum()))
+            return
+        graded = k > 1
+        c["sops"] += float(k.sum()) * fan_out
+        c["strict_sops"] += float(k[~graded].sum()) * fan_out
+        c["strict_macs"] += float(graded.sum()) * fan_out
+
+    def analog(elements: float):
+        c["macs"] += elements
+        c["strict_macs"] += elements
+
+    def hook(module, inputs, output):
+        v = inputs[0]
+        if isinstance(module, _STASpikeEncoder):
+            encoders[output.untyped_storage().data_ptr()] = (module, output)
+            k = levels(output)
+            c["events"] += float(k.sum())
+            c["neurons"] += k.numel()
+        elif isinstance(module, TDLinear):
+            synapse(v, module.out_features, v[0, 0].numel() * module.out_features)
+        elif isinstance(module, TDConv2d):
+            per_step = output[0, 0].numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+            synapse(v, per_step / v[0, 0].numel(), per_step)
+        elif isinstance(module, TDMultiheadAttention):  # its projections are called directly, so no hooks of theirs
+            tokens, dim = v.shape[-2], v.shape[-1]
+            synapse(v, 3 * dim, 3 * tokens * dim * dim)  # q, k, v projections of the (spike) input
+            steps = v.shape[0] * v.shape[1]
+            analog(steps * (2 * tokens * tokens * dim + module.num_heads * tokens * tokens + tokens * dim * dim))
+        elif isinstance(module, (TDLayerNorm, TDGELU)):
+            analog(v.numel())
+
+    handles = [m.register_forward_hook(hook) for m in snn.modules()
+               if isinstance(m, (_STASpikeEncoder, TDLinear, TDConv2d, TDMultiheadAttention, TDLayerNorm, TDGELU))]
+    try:
+        with torch.no_grad():
+            sta_forward(snn, x, T)
+    finally:
+        for h in handles:
+            h.remove()
+    n = len(x)
+    return {"energy_pj": (c["macs"] * E_MAC_PJ + c["sops"] * E_SOP_PJ) / n,
+            "strict_pj": (c["strict_macs"] * E_MAC_PJ + c["strict_sops"] * E_SOP_PJ) / n,
+            **{k: v / n for k, v in c.items() if k not in ("events", "neurons")},
+            "events": c["events"] / max(1, c["neurons"])}
+
+
+def spikingjelly_run(tv, calib, test_x, test_y, T, stats_images=256, batch_size=256, energy_images=None):
+    """Top-1 at T, seconds, alphabet and events of SpikingJelly's STA conversion for T; with ``energy_images``
+    also their ``sta_energy`` (key 'energy')."""
     from spikingjelly.activation_based import functional
     from spikingjelly.activation_based.ann2snn import Converter, STATransformerRecipe
     from spikingjelly.activation_based.ann2snn.recipes.sta_transformer import _STASpikeEncoder
@@ -84,23 +171,19 @@ def spikingjelly_run(tv, calib, test_x, test_y, T, stats_images=256, batch_size=
     snn = Converter(recipe=recipe, device=torch.device("cpu")).convert(tv).eval()
     convert_s = time.perf_counter() - t0
     functional.set_step_mode(snn, "m")
-
-    def run(x):
-        functional.reset_net(snn)
-        seq = torch.zeros((T, *x.shape), dtype=x.dtype)
-        seq[0] = x
-        return snn(seq).sum(0)
-
     correct, t0 = 0, time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(test_x), batch_size):
-            correct += int((run(test_x[i:i + batch_size]).argmax(-1) == test_y[i:i + batch_size]).sum())
+            logits = sta_forward(snn, test_x[i:i + batch_size], T)
+            correct += int((logits.argmax(-1) == test_y[i:i + batch_size]).sum())
     eval_s = time.perf_counter() - t0
     counts = _Counts([m for m in snn.modules() if isinstance(m, _STASpikeEncoder)], _sj_counts)
     with torch.no_grad():
-        run(test_x[:stats_images])
+        sta_forward(snn, test_x[:stats_images], T)
     counts.remove()
-    return {"top1": 100.0 * correct / len(test_x), "convert_s": convert_s, "evaluate_s": eval_s, **counts.result()}
+    energy = {} if energy_images is None else {"energy": sta_energy(snn, energy_images, T)}
+    return {"top1": 100.0 * correct / len(test_x), "convert_s": convert_s, "evaluate_s": eval_s, **counts.result(),
+            **energy}
 
 
 def ours_run(ann, calib, test, T_max, options, stats_images=256):

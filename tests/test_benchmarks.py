@@ -34,6 +34,46 @@ def test_torchvision_port_names_what_differs(config, message):
         to_torchvision(build(config))
 
 
+@pytest.mark.parametrize("T", [1, 3])
+def test_spikingjelly_energy_matches_a_hand_count(T):
+    """sta_energy on a depth-1 ViT: SOPs are the encoders' counts times the fan-out of the layer each one feeds
+    (q/k/v, fc1, fc2, the head through the class token); MACs the patch embedding once (the image arrives at step
+    1 only), the attention's products, softmax and output projection and LayerNorm/GELU at every step."""
+    from spikingjelly.activation_based import functional
+    from spikingjelly.activation_based.ann2snn import Converter, STATransformerRecipe
+    from torch.utils.data import DataLoader, TensorDataset
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    C, H, heads, N, B = 16, 32, 2, 17, 4
+    ann = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=C, depth=1,
+                            num_heads=heads, mlp_ratio=H / C).eval()
+    x = torch.randn(32, 1, 28, 28)
+    recipe = STATransformerRecipe(dataloader=DataLoader(TensorDataset(x, torch.zeros(32, dtype=torch.long)),
+                                                        batch_size=16), time_steps=T, mode="spiking_encoder",
+                                  threshold_mode="mse", threshold_scale=0.5)
+    snn = Converter(recipe=recipe, device=torch.device("cpu")).convert(to_torchvision(ann)).eval()
+    functional.set_step_mode(snn, "m")
+    fan_out = {"encoder.layers.encoder_layer_0.ln_1_sta_encoder": 3 * C, "encoder.layers.encoder_layer_0.ln_2_sta_"
+               "encoder": H, "encoder.layers.encoder_layer_0.mlp.1_sta_encoder": C, "encoder.ln_sta_encoder": 10}
+    levels = {}
+    hooks = [snn.get_submodule(n).register_forward_hook(
+        lambda m, i, out, n=n: levels.__setitem__(n, torch.round(out / m.v_threshold).abs())) for n in fan_out]
+    with torch.no_grad():
+        peers.sta_forward(snn, x[:B], T)
+    for h in hooks:
+        h.remove()
+    levels["encoder.ln_sta_encoder"] = levels["encoder.ln_sta_encoder"][:, :, :1]  # the head reads the class token
+    sops = sum(float(k.sum()) * fan_out[n] for n, k in levels.items())
+    strict_sops = sum(float(k[k <= 1].sum()) * fan_out[n] for n, k in levels.items())
+    strict_macs = sum(float((k > 1).sum()) * fan_out[n] for n, k in levels.items())
+    macs = B * 16 * C * 49 + T * B * (2 * N * N * C + heads * N * N + N * C * C + 3 * N * C + N * H)
+    e = peers.sta_energy(snn, x[:B], T)
+    assert e["sops"] == pytest.approx(sops / B) and e["macs"] == pytest.approx(macs / B)
+    assert e["strict_sops"] == pytest.approx(strict_sops / B)
+    assert e["strict_macs"] == pytest.approx((macs + strict_macs) / B)
+    assert strict_macs > 0 and e["energy_pj"] == pytest.approx(e["macs"] * 4.6 + e["sops"] * 0.9)
+
+
 def test_peers_quick_runs_and_renders():
     res = peers.run(eval_images=64, steps=(2,))
     sj, ours = res["sj"][2], res["ours"]["signed IF L=1 (defaults)"]
@@ -74,12 +114,14 @@ def test_energy_quick_runs_and_renders():
     tuned = energy_bench.measure_finetuned(["vit_fmnist"], ["event penalty 30"], 64, 8, train_images=64, epochs=(1,))
     rows = tuned["models"]["vit_fmnist"]["event penalty 30"]
     assert [(p["T"], p["epochs"]) for p in rows] == [(4, 1)] and rows[0]["seconds"] > 0
-    res["models"]["vit_fmnist"].update(finetuned=tuned["models"]["vit_fmnist"], finetuned_images=tuned["images"],
-                                       train_images=tuned["train_images"], finetuned_runs=[{"command": "c", "date": "d"}])
+    energy_bench.merge(res, "finetuned", tuned, {"command": "c", "date": "d"})
+    energy_bench.merge(res, "peer", energy_bench.measure_peer(["vit_fmnist"], 64, 8, steps=(2,)), {"command": "c", "date": "d"})
+    peer = res["models"]["vit_fmnist"]["peer"]
     energy_bench.figure(res)
     md = energy_bench.markdown(res, "test")
     assert md.startswith(energy_bench.BEGIN) and md.rstrip().endswith(energy_bench.END) and "| rate, signed IF L=1 | 4 |" in md
-    assert "| rate, signed IF L=1 | 4 | event penalty 30 | 1 |" in md
+    assert "| rate, signed IF L=1 | 4 | event penalty 30 | 1 |" in md and f"{energy_bench.PEER} on the same weights" in md
+    assert 0 < peer[energy_bench.PEER][0]["energy"] < 100 and 0 < peer[energy_bench.PEER][0]["strict"] < 100
 
 
 def test_recipes_quick_runs_and_renders():
