@@ -1,8 +1,9 @@
-"""Accuracy per energy: coding x neuron x levels x T, training-free and fine-tuned, and the Pareto front of both
-accountings.
+"""Accuracy per energy: coding x neuron x levels x T, training-free and fine-tuned, beside SpikingJelly's STA on
+the same weights, and the Pareto front of both accountings.
 
     python -m benchmarks.energy [--models vit_fmnist vit_fmnist_gap] [--eval-images N] [--energy-images 64]
     python -m benchmarks.energy --finetuned 'event penalty 30' ...  # only these fine-tuning runs; the rest stays
+    python -m benchmarks.energy --peer      # only SpikingJelly's points; the rest stays
     python -m benchmarks.energy --quick     # vit_fmnist, 500 test images, a few points
 
 For every model and every point of the grid (rate coding: signed IF L = 1, 2, 4 and the multi-threshold
@@ -11,8 +12,12 @@ with the thresholds chosen for that T, top-1 at step T on the test images and th
 ``convert.energy_report`` (standard: one SOP per event; strict: every value sent with |k| > 1 is a MAC) on the
 first ``--energy-images`` of them. Fine-tuned points (``FINETUNED``): one grid point fine-tuned on the
 training split with a recipe (conf/finetune/bptt.yaml plus its options), measured after each of ``EPOCHS``
-epochs of one run; a run with ``--finetuned`` replaces only its own recipes' points in the saved results. The
-front keeps the points, training-free or fine-tuned, no other point beats on both accuracy and energy. Writes benchmarks/results/energy.json and energy.png and the ``energy`` section of BENCHMARKS.md.
+epochs of one run. SpikingJelly's STA recipe (``benchmarks.peers``) at T = 1, 2, 4, 8 on the models
+torchvision's ViT can hold, its energy by the same rules (``benchmarks.peers.sta_energy``). A run with
+``--finetuned`` or ``--peer`` replaces only its own points in the saved results; a grid run keeps the saved
+fine-tuned points and measures the peer's anew. The front keeps the points no other point, training-free,
+fine-tuned or the peer's, beats on both accuracy and energy. Writes benchmarks/results/energy.json and
+energy.png and the ``energy`` section of BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -204,9 +209,10 @@ def figure(res: dict):
 
 
 def markdown(res: dict, command: str) -> str:
-    lines = [BEGIN, "## Accuracy per energy: coding x neuron x levels x T, training-free and fine-tuned", "",
-             f"Measured with `{res.get('grid_command', command)}` on {res['date']}: {res['machine']}; top-1 at step T on {res['images']} "
-             f"test images, energy on the first {res['energy_images']} ({res['data']}). Energy is the SNN's per image "
+    lines = [BEGIN, "## Accuracy per energy: coding x neuron x levels x T, training-free and fine-tuned, beside "
+             "SpikingJelly", "",
+             f"Measured with `{res.get('grid_command', command)}` on {res['date']}: {res['machine']}; top-1 at step "
+             f"T on {res['images']} test images, energy on the first {res['energy_images']} ({res['data']}). Energy is the SNN's per image "
              "over T steps divided by the ANN's (DESIGN section 6, `convert/energy.py`); standard: one SOP per event, "
              "strict: a value sent with |k| > 1 costs one MAC per synapse. `events`: mean events per neuron per step. "
              "Differential coding sends k(t) - k(t-1); `s` is its hysteresis.", "",
