@@ -92,7 +92,9 @@ def finetune_curve(ann, calib, options: dict, T: int, recipe: dict, epochs: int,
                      resume=resume, checkpoint_path=ckpt, progress=False, **recipe)
             seconds += time.time() - t0
             rows[point] = {**accuracy_and_energy(snn, loader, T, energy_images), "seconds": seconds}
-            print(f"{label} {point} epochs: {rows[point]['top1']:.2f} ({seconds:.0f} s)", flush=True)
+            r = rows[point]
+            print(f"{label} {point} epochs: {r['top1']:.2f}, energy {r['energy']:.3f}x (strict {r['strict']:.3f}x), "
+                  f"{seconds:.0f} s", flush=True)
     return rows
 
 
