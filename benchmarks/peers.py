@@ -1,14 +1,16 @@
 """Side by side with SpikingJelly 2.0's STATransformerRecipe on the same network, images and calibration.
 
     pip install -e '.[bench]'
-    python -m benchmarks.peers            # full test split, T = 1, 2, 4, 8, 16 (about 20 minutes on 2 cores)
+    python -m benchmarks.peers            # full test split, T = 1, 2, 4, 8, 16 (about 40 minutes on 2 cores)
+    python -m benchmarks.peers --model vit_fmnist_p4 [--eval-images N]   # another class-token model, own section
     python -m benchmarks.peers --quick    # 256 test images, T = 2, 4
 
-SpikingJelly's ViT path takes torchvision's VisionTransformer only, so vit_fmnist is
+SpikingJelly's ViT path takes torchvision's VisionTransformer only, so the model is
 ported 1:1 (models.torchvision_port; the outputs agree to 1e-5). It is used the way its
 ImageNet ViT example does: mode spiking_encoder, MSE thresholds, threshold scale 0.5,
 the image fed at step 1 and zeros after, logits summed over T; one conversion per T
-(its thresholds depend on T). Its spike encoders emit unbounded graded counts
+(its thresholds depend on T), and so are ours (thresholds chosen for each T; the
+largest T's run is anytime and its time is reported). Its spike encoders emit unbounded graded counts
 trunc(membrane / threshold) per step. For both sides the table gives the spike
 alphabet (the largest count one neuron emitted in one step), mean events per neuron
 per step (an event: one unit of count; our multi-threshold neuron: one per spike) and
@@ -34,7 +36,7 @@ from models.torchvision_port import to_torchvision
 from models.zoo import create_ann
 
 BEGIN, END = "<!-- peers:begin -->", "<!-- peers:end -->"
-OURS = {"signed IF L=1 (defaults)": {}, "signed IF L=4": dict(levels=4),
+OURS = {"signed IF L=1 (defaults)": {}, "signed IF L=4": dict(levels=4), "signed IF L=16": dict(levels=16),
         "multi-threshold N=8": dict(neuron="multi_threshold", levels=8, v_init=0.0),
         "signed IF L=127 (SpikingJelly's alphabet)": dict(levels=127)}
 
@@ -186,25 +188,34 @@ def spikingjelly_run(tv, calib, test_x, test_y, T, stats_images=256, batch_size=
             **energy}
 
 
-def ours_run(ann, calib, test, T_max, options, stats_images=256):
+def ours_run(ann, calib, test, steps, options, stats_images=256):
+    """Top-1 at each T of ``steps`` from a conversion for that T (its thresholds depend on T), and the largest T's
+    anytime run (every t up to it from one simulation: 'anytime_top1', its seconds, alphabet and events)."""
+    loader = DataLoader(test, batch_size=256)
+    top1 = {}
+    for T in steps[:-1]:
+        top1[T] = evaluate(convert(ann, calib, timesteps=T, progress=False, **options), loader, T,
+                           progress=False)["top1"][-1]
+    T_max = steps[-1]
     t0 = time.perf_counter()
     snn = convert(ann, calib, timesteps=T_max, progress=False, **options)
     convert_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = evaluate(snn, DataLoader(test, batch_size=256), T_max, progress=False, reference=ann)
+    res = evaluate(snn, loader, T_max, progress=False, reference=ann)
     eval_s = time.perf_counter() - t0
+    top1[T_max] = res["top1"][-1]
     x = torch.stack([test[i][0] for i in range(min(stats_images, len(test)))])
     counts = _Counts([m for m in snn.net.modules() if isinstance(m, BaseNeuron)], _our_counts)
     with torch.no_grad():
         run_steps(snn.net, x, T_max, snn.step_mode)
     counts.remove()
-    return {"top1": res["top1"], "ann_top1": res["ann_top1"], "convert_s": convert_s, "evaluate_s": eval_s,
-            **counts.result()}
+    return {"top1": top1, "anytime_top1": res["top1"], "ann_top1": res["ann_top1"], "convert_s": convert_s,
+            "evaluate_s": eval_s, **counts.result()}
 
 
-def run(eval_images=None, steps=(1, 2, 4, 8, 16)):
+def run(model="vit_fmnist", eval_images=None, steps=(1, 2, 4, 8, 16)):
     torch.manual_seed(0)
-    ann = create_ann("vit_fmnist")
+    ann = create_ann(model)
     tv = to_torchvision(ann)
     data = fashion_mnist("test")
     test = data.dataset if eval_images is None else Subset(data.dataset, range(eval_images))
@@ -214,27 +225,36 @@ def run(eval_images=None, steps=(1, 2, 4, 8, 16)):
     with torch.no_grad():
         port_error = float((ann(test_x[:256]) - tv(test_x[:256])).abs().max())
     import spikingjelly
-    res = {**machine_info(data.source), "images": len(test), "steps": list(steps), "port_max_abs_error": port_error,
+    res = {**machine_info(data.source), "model": model, "images": len(test), "steps": list(steps),
+           "port_max_abs_error": port_error,
            "spikingjelly": spikingjelly.__version__ if hasattr(spikingjelly, "__version__") else "2.0",
            "sj": {}, "ours": {}}
     for T in steps:
         res["sj"][T] = spikingjelly_run(tv, calib, test_x, test_y, T)
         print(f"SpikingJelly T={T}: {res['sj'][T]}", flush=True)
     for name, options in OURS.items():
-        res["ours"][name] = ours_run(ann, calib, test, max(steps), options)
+        res["ours"][name] = ours_run(ann, calib, test, list(steps), options)
         print(f"ours {name}: {res['ours'][name]['top1']}", flush=True)
     return res
 
 
+def markers(model: str):
+    """BENCHMARKS.md section markers for ``model``'s comparison (vit_fmnist: BEGIN, END)."""
+    return (BEGIN, END) if model == "vit_fmnist" else (f"<!-- peers-{model}:begin -->", f"<!-- peers-{model}:end -->")
+
+
 def markdown(res, command) -> str:
-    steps = res["steps"]
+    steps, model = res["steps"], res.get("model", "vit_fmnist")
     ann = next(iter(res["ours"].values()))["ann_top1"]
-    lines = [BEGIN, "## Side by side with SpikingJelly (STATransformerRecipe)", "",
+    begin, end = markers(model)
+    lines = [begin, "## Side by side with SpikingJelly (STATransformerRecipe)" + (f": {model}" if begin != BEGIN
+                                                                                 else ""), "",
              f"Measured with `{command}` on {res['date']}: {res['machine']}; {res['images']} test images, the same "
-             f"512 calibration images for both; vit_fmnist ported 1:1 to torchvision's ViT (largest output "
+             f"512 calibration images for both; {model} ported 1:1 to torchvision's ViT (largest output "
              f"difference {res['port_max_abs_error']:.1e}). ANN top-1 {ann:.2f}%. SpikingJelly as in its ImageNet ViT "
              "example: spiking_encoder mode, MSE thresholds, threshold scale 0.5, image at step 1 only, one conversion "
-             "per T. Ours: one anytime run to the largest T gives every T.", "",
+             "per T. Ours: one conversion per T as well (the thresholds are chosen for T); the largest T's conversion "
+             "is one anytime run that gives every t up to it, and its seconds are the evaluate column.", "",
              "| method | " + " | ".join(f"T={t}" for t in steps) + " | alphabet (max count / step) | "
              "events / neuron / step | evaluate s (T=" + str(max(steps)) + ") |",
              "|---|" + "---|" * len(steps) + "---|---|---|"]
@@ -245,7 +265,7 @@ def markdown(res, command) -> str:
                  f" | {last['alphabet']:.0f} (unbounded) | {last['events_per_neuron_step']:.3f} | "
                  f"{last['evaluate_s']:.1f} |")
     for name, r in res["ours"].items():
-        lines.append(f"| ours, {name} | " + " | ".join(f"{r['top1'][t - 1]:.2f}" for t in steps) +
+        lines.append(f"| ours, {name} | " + " | ".join(f"{get(r['top1'], t):.2f}" for t in steps) +
                      f" | {r['alphabet']:.0f} | {r['events_per_neuron_step']:.3f} | {r['evaluate_s']:.1f} |")
     lines += ["", "Alphabet and events at the largest T on 256 test images. What stays analog: SpikingJelly's "
               "converted graph runs LayerNorm, GELU and the whole multi-head attention as time-difference modules "
@@ -253,13 +273,20 @@ def markdown(res, command) -> str:
               "encoders in front of the Linear layers; ours computes LayerNorm, GELU and softmax in expectation "
               "(analog) and feeds Q K^T and A V with spikes (the rescaling of the running product stays analog). "
               "SpikingJelly's evaluate time is for its T=" + str(max(steps)) + " conversion alone; ours covers "
-              "every T up to it in one run.", END]
+              "every T up to it in one run.", end]
     return "\n".join(lines) + "\n"
 
 
+def _arguments(parser):
+    parser.add_argument("--model", default="vit_fmnist", help="a class-token model of models.zoo (torchvision's "
+                        "ViT has no other pooling)")
+    parser.add_argument("--eval-images", type=int, default=None, help="default: the whole test split")
+
+
 def main() -> None:
-    benchmark_main("peers", __doc__, run_full=lambda a: run(), run_quick=lambda a: run(eval_images=256, steps=(2, 4)),
-                   markdown=markdown)
+    benchmark_main("peers", __doc__, run_full=lambda a: run(a.model, a.eval_images),
+                   run_quick=lambda a: run(a.model, eval_images=256, steps=(2, 4)), markdown=markdown,
+                   add_arguments=_arguments, variant=lambda a: "" if a.model == "vit_fmnist" else "-" + a.model)
 
 
 if __name__ == "__main__":
