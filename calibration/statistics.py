@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.attention import BernoulliMask
+from models.attention import SpikeMask
 from models.distributed import all_reduce, world_size
 from models.neurons import BaseNeuron
 from models.normalization import ConstantNorm
@@ -151,7 +151,7 @@ def analog_mode(net: nn.Module, exact: bool = False):
     every neuron the identity and every ``ConstantNorm`` the norm it replaced: exactly the ANN (the reference
     accuracy, the distillation teacher)."""
     neurons = [m for m in net.modules() if isinstance(m, BaseNeuron)]
-    switched = neurons + [m for m in net.modules() if isinstance(m, BernoulliMask)]
+    switched = neurons + [m for m in net.modules() if isinstance(m, SpikeMask)]
     norms = [m for m in net.modules() if isinstance(m, ConstantNorm)]
     signs = [n.signed for n in neurons]
     reset_net(net)

@@ -55,6 +55,8 @@ class AttentionConfig:
     name: str = MISSING
     mask_p: float = MISSING
     mask_rescale: bool = MISSING
+    mask_operands: str = MISSING
+    mask_schedule: str = MISSING
     residual: str = MISSING
     norm: str = MISSING
 
@@ -175,7 +177,8 @@ def convert_options(cfg: DictConfig) -> Dict[str, Any]:
                 correction=cfg.calibration.correction,
                 num_images=cfg.calibration.num_images,
                 attention=cfg.attention.name, mask_p=cfg.attention.mask_p,
-                mask_rescale=cfg.attention.mask_rescale, residual=cfg.attention.residual,
+                mask_rescale=cfg.attention.mask_rescale, mask_operands=cfg.attention.mask_operands,
+                mask_schedule=cfg.attention.mask_schedule, residual=cfg.attention.residual,
                 norm=cfg.attention.norm,
                 step_mode=cfg.step_mode, chunk=cfg.chunk, compile=cfg.compile,
                 progress=cfg.progress)

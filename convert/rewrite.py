@@ -44,7 +44,7 @@ from torch import nn
 from torch.fx._symbolic_trace import PH
 
 from convert import ops
-from models.attention import SpikingSDPA
+from models.attention import MASK_OPERANDS, SpikingSDPA
 from models.ecm import ExpectationCompensation, Method, SpikeProduct
 from models.neurons import BaseNeuron, IFNeuron
 from models.normalization import ConstantNorm
@@ -270,18 +270,20 @@ class Rewriter:
     """Rewrites a model in place.
 
     ``make_neuron(signed)``: the neuron in front of a Linear input or a product operand; ``attention``:
-    ecm, psa (with ``mask_p``), ssa or a2os2a; ``spike_driven``: every Linear input is a binary IF neuron
+    ecm, psa (with ``mask_p``, ``mask_rescale``, ``mask_operands``, ``mask_schedule``: models.attention), ssa or
+    a2os2a; ``spike_driven``: every Linear input is a binary IF neuron
     (Spikingformer); ``norm``: ecm (LayerNorm / RMSNorm in expectation) or constant (``ConstantNorm``, calibrated
     constant statistics); ``fixed_tokens``: the token count is the same for every input (per-key thresholds
     on attention maps are then meaningful)."""
 
     def __init__(self, make_neuron: Callable[[bool], BaseNeuron], attention: str = "ecm", mask_p: float = 0.0,
                  spike_driven: bool = False, fixed_tokens: bool = True,
-                 example: Optional[torch.Tensor] = None, mask_rescale: bool = False, norm: str = "ecm") -> None:
+                 example: Optional[torch.Tensor] = None, mask_rescale: bool = False, norm: str = "ecm",
+                 mask_operands: Tuple[str, ...] = MASK_OPERANDS, mask_schedule: str = "random") -> None:
         self.make_neuron = make_neuron
         self.norm = norm
         self.attention, self.mask_p, self.spike_driven = attention, mask_p, spike_driven
-        self.mask_rescale = mask_rescale
+        self.mask_rescale, self.mask_operands, self.mask_schedule = mask_rescale, mask_operands, mask_schedule
         self.fixed_tokens = fixed_tokens
         self.example = example
         self.first_layers: Set[str] = set()
@@ -757,7 +759,8 @@ class _GraphState:
         rw.attention_count += 1  # each attention core draws its own psa masks
         core = SpikingSDPA(rw.attention, rw.make_neuron, fixed_tokens=rw.fixed_tokens, mask_p=rw.mask_p,
                            seed=3 * rw.attention_count, constant=tuple(not self.kind(x) for x in (q, k, v)),
-                           mask_rescale=rw.mask_rescale)
+                           mask_rescale=rw.mask_rescale, mask_operands=rw.mask_operands,
+                           mask_schedule=rw.mask_schedule)
         new = self.replace(node, "attend", core)
         if rw.attention == "ssa":
             self.binary_sources.add(new)

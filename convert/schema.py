@@ -8,6 +8,7 @@ RELIABILITY.md's table of keys is generated from these rules (``markdown()``).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
@@ -124,10 +125,12 @@ def _is_device(v) -> bool:
 def _choices() -> Dict[str, Tuple[str, ...]]:
     from calibration import CORRECTIONS, METHODS
     from convert.api import ATTENTION_VARIANTS, NORM_STYLES, RESIDUAL_STYLES
+    from models.attention import MASK_OPERANDS, MASK_SCHEDULES
     from models.neurons import CODINGS, NEURONS, Surrogate
     return {"neuron": tuple(NEURONS), "coding": CODINGS, "method": tuple(METHODS), "correction": tuple(CORRECTIONS),
             "attention": tuple(ATTENTION_VARIANTS), "residual": tuple(RESIDUAL_STYLES),
-            "norm": NORM_STYLES,
+            "norm": NORM_STYLES, "mask_schedule": MASK_SCHEDULES,
+            "mask_operands": tuple("+".join(c) for n in (3, 2, 1) for c in itertools.combinations(MASK_OPERANDS, n)),
             "surrogate": tuple(Surrogate.KINDS)}
 
 
@@ -162,6 +165,11 @@ def keys() -> List[Key]:
         Key("attention.mask_p", "float", "share of spikes masked by psa", low=0, high=1, high_open=True, api="mask_p"),
         Key("attention.mask_rescale", "bool", "psa: divide the masked products by 1 - mask_p (unbiased)",
             api="mask_rescale"),
+        Key("attention.mask_operands", "choice", "psa: which of Q, K and the attention map are masked",
+            choices=c["mask_operands"], api="mask_operands"),
+        Key("attention.mask_schedule", "choice", "psa: random (Bernoulli at every step, EST) or even (each element "
+            "dropped at an evenly spaced share mask_p of the steps)", choices=c["mask_schedule"],
+            api="mask_schedule"),
         Key("attention.residual", "choice", "residual style", choices=c["residual"], api="residual"),
         Key("attention.norm", "choice", "ecm: LayerNorm / RMSNorm in expectation; constant: calibrated constant "
             "statistics (a per-channel affine map, no per-token reduction)", choices=c["norm"], api="norm"),
@@ -252,8 +260,10 @@ def check_combination(o: Dict[str, Any]) -> None:
     if o["neuron"] == "ternary" and o["levels"] != 1:
         raise ValueError(f"the ternary neuron has exactly one level (k in {{-1, 0, 1}}): neuron.levels must be 1, "
                          f"got {o['levels']}")
-    if o["mask_rescale"] and o["attention"] != "psa":
-        raise ValueError(f"attention.mask_rescale applies to attention=psa only (attention is {o['attention']!r})")
+    for key, default in (("mask_rescale", False), ("mask_operands", "q+k+attn"), ("mask_schedule", "random")):
+        if o[key] != default and o["attention"] != "psa":
+            raise ValueError(f"attention.{key}={o[key]} applies to attention=psa only (attention is "
+                             f"{o['attention']!r})")
     if o["mask_p"] > 0 and o["attention"] != "psa":
         raise ValueError(f"attention.mask_p={o['mask_p']} applies to attention=psa only (attention is "
                          f"{o['attention']!r})")

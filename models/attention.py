@@ -5,10 +5,12 @@ The variants differ in ``attend``:
 
     ecm     s_q, s_k, s_v = SN(q), SN(k), SN(v)
             A = SN(ECM_softmax(scale * ECM_product(s_q, s_k^T) + mask));  out = ECM_product(A, s_v)
-    psa     ecm with random masks on s_q, s_k and A: mask(x) = x * Bernoulli(1 - p); ``mask_rescale``
-            divides each masked operand's product by 1 - p (folded into the softmax scale for Q K^T and
-            into the product's own rescaling for A V: the spikes stay in the alphabet), so the masked
-            products are unbiased
+    psa     ecm with masks on some of s_q, s_k and A (``mask_operands``; EST: all three): mask(x) = x * m(t),
+            m ~ Bernoulli(1 - p) at every step (``mask_schedule=random``, EST) or every element dropped at
+            an evenly spaced share p of the steps (``even``, SpikeMask); ``mask_rescale`` divides each
+            masked operand's product by 1 - p (folded into the softmax scale for Q K^T and into the
+            product's own rescaling for A V: the spikes stay in the alphabet), so the masked products are
+            unbiased
     ssa     Spikformer: Q, K, V = IF(q), IF(k), IF(v) in {0, 1};  out = 0.125 * Q K^T V at every step,
             no softmax, then the calibrated output map (ChannelAffine); the neuron in front of the next
             Linear is the configured one (signed: the map's output can be negative)
@@ -58,23 +60,41 @@ class ChannelAffine(nn.Module):
         return x if self.out_gain is None else x * self.out_gain + self.out_shift
 
 
-class BernoulliMask(StatefulModule):
-    """x * Bernoulli(1 - p), no rescaling; masks drawn step by step from a generator seeded at ``reset``,
-    so step and multi-step mode draw the same masks and every simulation repeats exactly."""
+MASK_SCHEDULES = ("random", "even")
+MASK_OPERANDS = ("q", "k", "attn")
 
-    def __init__(self, p: float, seed: int) -> None:
+
+class SpikeMask(StatefulModule):
+    """x * m(t), no rescaling. ``random``: m ~ Bernoulli(1 - p) at every step (EST). ``even``: element i is
+    dropped at step t iff floor((t + 1) p + u_i) > floor(t p + u_i), u_i ~ U[0, 1) drawn once per simulation:
+    a share p of its steps, evenly spaced (once in every 1/p steps), so the kept share of any window is
+    within one step of 1 - p. Draws come from a generator seeded at ``reset``, so step and multi-step mode
+    draw the same masks and every simulation repeats exactly."""
+
+    def __init__(self, p: float, seed: int, schedule: str = "random") -> None:
         super().__init__()
-        self.p, self.seed = float(p), int(seed)
+        if schedule not in MASK_SCHEDULES:
+            raise ValueError(f"unknown mask schedule {schedule!r}: use one of {', '.join(MASK_SCHEDULES)}")
+        self.p, self.seed, self.schedule = float(p), int(seed), schedule
         self.analog = False  # the identity while the network computes its ANN (calibration, reference)
         self.generator: Optional[torch.Generator] = None
+        self.phase: Optional[torch.Tensor] = None
+        self.t = 0
 
     def reset(self) -> None:
-        self.generator = None
+        self.generator, self.phase, self.t = None, None, 0
 
     def _mask(self, like: torch.Tensor) -> torch.Tensor:
         if self.generator is None or self.generator.device != like.device:
             self.generator = torch.Generator(device=like.device).manual_seed(self.seed)
-        keep = torch.rand(like.shape, generator=self.generator, device=like.device) >= self.p
+        if self.schedule == "random":
+            keep = torch.rand(like.shape, generator=self.generator, device=like.device) >= self.p
+        else:
+            if self.phase is None:
+                self.phase = torch.rand(like.shape, generator=self.generator, device=like.device,
+                                        dtype=torch.float64)
+            t, self.t = self.t, self.t + 1
+            keep = torch.floor((t + 1) * self.p + self.phase) == torch.floor(t * self.p + self.phase)
         return keep.to(like.dtype)
 
     def single_step(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +107,7 @@ class BernoulliMask(StatefulModule):
         return self.fold(xs * torch.stack([self._mask(xs[t]) for t in range(xs.shape[0])]))
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, seed={self.seed}, {super().extra_repr()}"
+        return f"p={self.p}, seed={self.seed}, schedule={self.schedule}, {super().extra_repr()}"
 
 
 def additive_mask(mask: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
@@ -108,7 +128,8 @@ class SpikingSDPA(nn.Module):
 
     def __init__(self, variant: str, make_neuron: Callable[[bool], BaseNeuron], fixed_tokens: bool = True,
                  mask_p: float = 0.0, seed: int = 0, constant: Tuple[bool, bool, bool] = (False, False, False),
-                 mask_rescale: bool = False) -> None:
+                 mask_rescale: bool = False, mask_operands: Tuple[str, ...] = MASK_OPERANDS,
+                 mask_schedule: str = "random") -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown attention {variant!r}: use one of {', '.join(VARIANTS)}")
@@ -122,9 +143,10 @@ class SpikingSDPA(nn.Module):
             # its last axis is the key position: per-key thresholds only where the token count is fixed
             self.attn_neuron.channelwise = fixed_tokens
             self.av = SpikeProduct()
-            masks = [BernoulliMask(mask_p, seed + i) for i in range(3)] if mask_p > 0 else [nn.Identity()] * 3
-            self.q_mask, self.k_mask, self.attn_mask = masks
-            self.mask_gain = 1.0 / (1.0 - mask_p) if mask_rescale and mask_p > 0 else 1.0  # per masked operand
+            masked = [mask_p > 0 and name in mask_operands for name in MASK_OPERANDS]
+            self.q_mask, self.k_mask, self.attn_mask = (SpikeMask(mask_p, seed + i, mask_schedule) if m else
+                                                        nn.Identity() for i, m in enumerate(masked))
+            self.mask_gain = 1.0 / (1.0 - mask_p) if mask_rescale else 1.0  # per operand a mask is applied to
         elif variant == "ssa":
             self.q_neuron, self.k_neuron, self.v_neuron = IFNeuron(1), IFNeuron(1), IFNeuron(1)
             self.qk, self.av = StepProduct(), StepProduct()
@@ -160,7 +182,9 @@ class SpikingSDPA(nn.Module):
         q = self.q_mask(self.q_neuron(q))
         k = self.k_mask(self.k_neuron(k))
         v = self.v_neuron(v)
-        attn = self.qk(q, k.transpose(-2, -1)) * (scale * self.mask_gain ** 2)
+        gains = [self.mask_gain if isinstance(m, SpikeMask) and not m.analog else 1.0  # analog mode: the ANN
+                 for m in (self.q_mask, self.k_mask, self.attn_mask)]
+        attn = self.qk(q, k.transpose(-2, -1)) * (scale * gains[0] * gains[1])
         if is_causal:
             attn = attn + causal_mask(q.shape[-2], k.shape[-2], attn)
         mask = additive_mask(attn_mask, attn)
@@ -168,7 +192,7 @@ class SpikingSDPA(nn.Module):
             attn = attn + mask
         attn = self.attn_mask(self.attn_neuron(self.softmax(attn)))
         out = self.av(attn, v)
-        return out * self.mask_gain if self.mask_gain != 1.0 else out
+        return out * gains[2] if gains[2] != 1.0 else out
 
     def softmax_free_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """ssa: 0.125 Q K^T V with binary Q, K, V; a2os2a: Q ReLU(k)^T V with binary Q, ternary V; every step;

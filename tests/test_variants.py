@@ -12,13 +12,15 @@ from calibration import analog_mode
 from convert.evaluate import evaluate
 from convert.finetune import BlockOutputs, Blend, TimeAveraged
 from models.neurons import BaseNeuron
-from models.attention import SpikingSDPA
+from hypothesis import given, settings, strategies as st
+from models.attention import SpikeMask, SpikingSDPA
 from models.state import run_steps
 from tests.conftest import build
 
 ft = importlib.import_module("convert.finetune")  # the module (``convert.finetune`` is also the function)
 VARIANT_CONFIGS = ["cls_token", "avg_pool_no_cls", "qk_norm", "register_tokens", "layer_scale", "distilled"]
 VARIANTS = [dict(attention="ssa"), dict(attention="a2os2a"), dict(attention="psa", mask_p=0.5),
+            dict(attention="psa", mask_p=0.25, mask_operands="q+k", mask_schedule="even", mask_rescale=True),
             dict(residual="spike_driven"), dict(attention="ssa", residual="spike_driven"),
             dict(attention="ssa", norm="constant"), dict(residual="spike_driven", norm="constant")]
 ids = lambda o: "-".join(map(str, o.values()))  # noqa: E731
@@ -140,15 +142,17 @@ def test_psa_attention_sops_fall_as_one_minus_mask_p(mask_p):
     assert total(e_psa) < (1 - mask_p / 3) * total(e_ecm)
 
 
-def test_psa_rescaling_is_unbiased_and_free(mask_p=0.5):
+@pytest.mark.parametrize("operands, schedule", [("q+k+attn", "random"), ("q", "random"), ("q+k", "even")])
+def test_psa_rescaling_is_unbiased_and_free(operands, schedule, mask_p=0.5):
     """Dividing the masked products by 1 - mask_p: the same masks and events (the spikes stay in the
     alphabet, the factor rides on the products' own scaling), and over many mask seeds the attention logits
-    average to the unmasked ones, where the unscaled masks shrink them by (1 - mask_p)^2."""
+    average to the unmasked ones, where the unscaled masks shrink them by (1 - mask_p)^(masked operands)."""
     x = _images(4)
     ann = build("cls_token")
     ecm = convert(ann, x, timesteps=1, progress=False)
-    plain = convert(ann, x, timesteps=1, attention="psa", mask_p=mask_p, progress=False)
-    scaled = convert(ann, x, timesteps=1, attention="psa", mask_p=mask_p, mask_rescale=True, progress=False)
+    kw = dict(attention="psa", mask_p=mask_p, mask_operands=operands, mask_schedule=schedule, progress=False)
+    plain = convert(ann, x, timesteps=1, **kw)
+    scaled = convert(ann, x, timesteps=1, mask_rescale=True, **kw)
     first = "blocks.0.attn.attend.qk"  # the first product sees the same spikes and masks either way
     assert energy_report(plain, x)["layers"][first]["sops"] == energy_report(scaled, x)["layers"][first]["sops"]
 
@@ -156,7 +160,8 @@ def test_psa_rescaling_is_unbiased_and_free(mask_p=0.5):
         core, seen = snn.net.blocks[0].attn.attend, []
         handle = core.softmax.register_forward_pre_hook(lambda m, i: seen.append(i[0]))
         for seed in seeds:
-            core.q_mask.seed, core.k_mask.seed = 2 * seed, 2 * seed + 1
+            for i, mask in enumerate((core.q_mask, core.k_mask)):
+                mask.seed = 2 * seed + i  # an unmasked operand's nn.Identity takes the attribute and ignores it
             snn.simulate(x)
         handle.remove()
         return torch.stack(seen).mean(0)
@@ -164,7 +169,39 @@ def test_psa_rescaling_is_unbiased_and_free(mask_p=0.5):
     seeds = range(100)  # the mean of 100 draws: the scaled logits' relative error is about 0.17 here
     error = {name: float((logits(snn, seeds) - ref).norm() / ref.norm()) for name, snn in
              (("plain", plain), ("scaled", scaled))}
-    assert error["scaled"] < 0.25 and error["plain"] > 1 - (1 - mask_p) ** 2 - 0.1, error
+    masked = sum(name in operands.split("+") for name in ("q", "k"))
+    assert error["scaled"] < 0.25 and error["plain"] > 1 - (1 - mask_p) ** masked - 0.1, error
+
+
+@pytest.mark.parametrize("operands", ["q+k+attn", "q+k", "q", "attn"])
+def test_psa_masks_exactly_the_named_operands(operands):
+    """Only the named operands lose spikes: in the first block Q and K see the ecm network's spikes, so Q K^T's
+    SOPs equal ecm's when neither is masked and fall when one is."""
+    x = _images(8)
+    ecm = convert(build("cls_token"), x, timesteps=4, progress=False)
+    psa = convert(build("cls_token"), x, timesteps=4, attention="psa", mask_p=0.5, mask_operands=operands,
+                  progress=False)
+    core = psa.net.blocks[0].attn.attend
+    names = operands.split("+")
+    assert [isinstance(m, SpikeMask) for m in (core.q_mask, core.k_mask, core.attn_mask)] == \
+        [n in names for n in ("q", "k", "attn")]
+    first = "blocks.0.attn.attend.qk"
+    ratio = energy_report(psa, x)["layers"][first]["sops"] / energy_report(ecm, x)["layers"][first]["sops"]
+    assert ratio == 1.0 if names == ["attn"] else ratio < 0.9
+
+
+@settings(max_examples=40, deadline=None)
+@given(p=st.floats(0.01, 0.99), steps=st.integers(1, 24), seed=st.integers(0, 100))
+def test_even_masks_drop_every_element_at_an_evenly_spaced_share(p, steps, seed):
+    """schedule=even: after t steps every element has been dropped floor(t p) or ceil(t p) times, for every t."""
+    mask = SpikeMask(p, seed, "even")
+    like = torch.ones(3, 5, 7)
+    dropped = torch.cumsum(torch.stack([1 - mask._mask(like) for _ in range(steps)]), 0)
+    t = torch.arange(1, steps + 1, dtype=torch.float64).reshape(-1, 1, 1, 1)
+    assert ((dropped >= torch.floor(t * p)) & (dropped <= torch.ceil(t * p))).all()
+    mask.reset()
+    again = torch.cumsum(torch.stack([1 - mask._mask(like) for _ in range(steps)]), 0)
+    assert torch.equal(dropped, again)  # the phases are drawn again from the same seed
 
 
 def test_psa_masks_repeat_exactly_and_differ_between_steps():
@@ -379,7 +416,11 @@ def test_feature_distillation_brings_the_blocks_toward_the_ann(options, config):
     (dict(attention="psa", mask_p=-0.1), r"in \[0, 1\)"),
     (dict(attention="psa", mask_p="half"), r"in \[0, 1\)"),
     (dict(mask_p=0.3), "applies to attention=psa only"),
-    (dict(mask_rescale=True), "attention.mask_rescale applies to attention=psa only"),
+    (dict(mask_rescale=True), "attention.mask_rescale=True applies to attention=psa only"),
+    (dict(mask_operands="q"), "attention.mask_operands=q applies to attention=psa only"),
+    (dict(mask_schedule="even"), "attention.mask_schedule=even applies to attention=psa only"),
+    (dict(attention="psa", mask_p=0.2, mask_operands="v"), "unknown attention.mask_operands 'v': use one of q"),
+    (dict(attention="psa", mask_p=0.2, mask_schedule="sobol"), "unknown attention.mask_schedule 'sobol'"),
     (dict(attention="a2os2a", levels=4), "attention=a2os2a uses binary Q and ternary V"),
     (dict(attention="ssa", neuron="multi_threshold", levels=1), "attention=ssa uses binary Q, K, V"),
     (dict(residual="spike_driven", levels=2), "residual=spike_driven uses binary inputs"),
