@@ -1,10 +1,12 @@
-"""psa (EST's partial-information attention), training-free: accuracy vs mask_p vs the attention's SOPs, with
-and without dividing the masked products by 1 - mask_p. Writes its section of BENCHMARKS.md.
+"""psa (EST's partial-information attention), training-free: accuracy vs mask_p vs the attention's SOPs, for
+EST's masks (Q, K and the attention map, Bernoulli at every step) with and without dividing the masked products
+by 1 - mask_p, and for masks on Q and K only, random or evenly spread (``MASKS``). Writes its section of
+BENCHMARKS.md.
 
     python -m benchmarks.psa [--models vit_fmnist] [--timesteps 4 8] [--eval-images 2000]
     python -m benchmarks.psa --quick     # 300 test images, T=4, mask_p 0.25
 
-For each model, T and mask_p: one conversion (defaults otherwise), top-1 at step T, the Q K^T and A V SOPs and
+For each model, T, mask_p and masking: one conversion (defaults otherwise), top-1 at step T, the Q K^T and A V SOPs and
 the energy per image relative to ecm's (``convert.energy_report`` on 64 test images).
 """
 from __future__ import annotations
@@ -20,6 +22,10 @@ from models.zoo import create_ann
 
 BEGIN, END = "<!-- psa:begin -->", "<!-- psa:end -->"
 MASK_P = (0.1, 0.25, 0.5)
+# name -> psa options besides mask_p
+MASKS = {"EST: Q, K, A; random": {}, "EST, rescaled": dict(mask_rescale=True),
+         "Q, K; random; rescaled": dict(mask_operands="q+k", mask_rescale=True),
+         "Q, K; even; rescaled": dict(mask_operands="q+k", mask_schedule="even", mask_rescale=True)}
 
 
 def _attention_sops(report, which: str) -> float:
@@ -36,20 +42,20 @@ def measure(models, steps, mask_ps, eval_images: int) -> dict:
         ann = create_ann(name)
         rows = []
         for T in steps:
-            settings = [("ecm", 0.0, False)] + [("psa", p, r) for p in mask_ps for r in (False, True)]
+            settings = [("ecm", 0.0, "-", {})] + [("psa", p, name, dict(attention="psa", mask_p=p, **masks))
+                                                   for p in mask_ps for name, masks in MASKS.items()]
             base = None
-            for attention, p, rescale in settings:
-                options = dict(attention=attention, mask_p=p, mask_rescale=rescale) if attention == "psa" else {}
+            for attention, p, masking, options in settings:
                 snn = convert(ann, calib, timesteps=T, progress=False, **options)
                 r = evaluate(snn, loader, T, progress=False)
                 e = energy_report(snn, energy_x)
-                row = {"T": T, "mask_p": p, "rescale": rescale, "top1": r["top1"][-1], "ann_top1": r["ann_top1"],
+                row = {"T": T, "mask_p": p, "masks": masking, "top1": r["top1"][-1], "ann_top1": r["ann_top1"],
                        "qk": _attention_sops(e, ".qk"), "av": _attention_sops(e, ".av"), "energy": e["energy_snn_pj"]}
                 base = base or row
                 row.update(qk_vs_ecm=row["qk"] / base["qk"], av_vs_ecm=row["av"] / base["av"],
                            energy_vs_ecm=row["energy"] / base["energy"], drop_vs_ecm=base["top1"] - row["top1"])
                 rows.append(row)
-                print(f"{name} T={T} {attention} p={p} rescale={rescale}: {row['top1']:.2f} "
+                print(f"{name} T={T} {attention} p={p} {masking}: {row['top1']:.2f} "
                       f"(ecm {base['top1']:.2f}) QK^T SOPs x{row['qk_vs_ecm']:.2f}", flush=True)
         out["models"][name] = {"ann_top1": rows[0]["ann_top1"], "rows": rows}
     return out
@@ -58,14 +64,17 @@ def measure(models, steps, mask_ps, eval_images: int) -> dict:
 def markdown(res: dict, command: str) -> str:
     lines = [BEGIN, "## psa: accuracy vs mask_p vs SOPs (training-free)", "",
              f"Measured with `{command}` on {res['date']}: {res['machine']}; top-1 at step T on {res['images']} test "
-             "images, SOPs and energy on 64. `rescale`: `attention.mask_rescale=true` (the masked products divided by "
-             "1 - mask_p; EST does not rescale). SOPs and energy relative to ecm's at the same T.", ""]
+             "images, SOPs and energy on 64. Masks: EST's on Q, K and the attention map A, Bernoulli(1 - mask_p) at "
+             "every step; `rescaled`: `attention.mask_rescale=true` (the masked products divided by 1 - mask_p; EST "
+             "does not rescale); `Q, K`: `attention.mask_operands=q+k`; `even`: `attention.mask_schedule=even` (each "
+             "element dropped at an evenly spaced share mask_p of the steps). SOPs and energy relative to ecm's at "
+             "the same T.", ""]
     for name, m in res["models"].items():
         lines += [f"### {name} (ANN {m['ann_top1']:.2f}%)", "",
-                  "| T | mask_p | rescale | top-1 | drop vs ecm | Q K^T SOPs vs ecm | A V SOPs vs ecm | energy vs ecm |",
+                  "| T | mask_p | masks | top-1 | drop vs ecm | Q K^T SOPs vs ecm | A V SOPs vs ecm | energy vs ecm |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in m["rows"]:
-            lines.append(f"| {r['T']} | {r['mask_p']} | {'yes' if r['rescale'] else ('-' if r['mask_p'] == 0 else 'no')} | "
+            lines.append(f"| {r['T']} | {r['mask_p']} | {r['masks']} | "
                          f"{r['top1']:.2f} | {r['drop_vs_ecm']:+.2f} | {r['qk_vs_ecm']:.2f} | {r['av_vs_ecm']:.2f} | "
                          f"{r['energy_vs_ecm']:.3f} |")
         lines.append("")

@@ -137,10 +137,11 @@ def test_psa_quick_runs_and_renders():
     from benchmarks import psa
     res = psa.measure(["vit_fmnist"], [2], (0.5,), eval_images=32)
     rows = res["models"]["vit_fmnist"]["rows"]
-    assert [(r["mask_p"], r["rescale"]) for r in rows] == [(0.0, False), (0.5, False), (0.5, True)]
+    assert [(r["mask_p"], r["masks"]) for r in rows] == [(0.0, "-")] + [(0.5, name) for name in psa.MASKS]
     assert rows[0]["qk_vs_ecm"] == 1.0 and rows[1]["qk_vs_ecm"] == pytest.approx(0.5, abs=0.12)  # each operand's events x (1 - p)
+    assert all(r["qk_vs_ecm"] < 0.7 for r in rows[1:])  # both operands masked in every setting
     md = psa.markdown(res, "test")
-    assert md.startswith(psa.BEGIN) and md.rstrip().endswith(psa.END) and "| 2 | 0.5 | yes |" in md
+    assert md.startswith(psa.BEGIN) and md.rstrip().endswith(psa.END) and "| 2 | 0.5 | Q, K; even; rescaled |" in md
 
 
 def test_softmax_free_quick_runs_and_renders(monkeypatch):
