@@ -132,8 +132,9 @@ def measure_peer(models: List[str], eval_images, energy_images: int, steps=PEER_
         points = []
         for T in steps:
             r = spikingjelly_run(tv, calib, test_x, test_y, T, energy_images=energy_x)
-            points.append({"variant": PEER, "T": T, "top1": r["top1"], "ann_top1": ann_top1, "energy_pj": r["energy"]["energy_pj"],
-                           "strict_pj": r["energy"]["strict_pj"], "events": r["energy"]["events"],
+            points.append({"variant": PEER, "T": T, "top1": r["top1"], "ann_top1": ann_top1,
+                           "energy_pj": r["energy"]["energy_pj"], "strict_pj": r["energy"]["strict_pj"],
+                           "events": r["energy"]["events"],
                            "seconds": r["convert_s"] + r["evaluate_s"]})
             print(f"{name} {PEER} T={T}: {r['top1']:.2f}", flush=True)
         out["models"][name] = {PEER: points}
