@@ -4,20 +4,21 @@ the same weights, and the Pareto front of both accountings.
     python -m benchmarks.energy [--models vit_fmnist vit_fmnist_gap] [--eval-images N] [--energy-images 64]
     python -m benchmarks.energy --finetuned 'event penalty 30' ...  # only these fine-tuning runs; the rest stays
     python -m benchmarks.energy --peer      # only SpikingJelly's points; the rest stays
+    python -m benchmarks.energy --variants 'rate, signed IF L=16'   # only these grid variants; the rest stays
     python -m benchmarks.energy --quick     # vit_fmnist, 500 test images, a few points
 
 For every model and every point of the grid (rate coding: signed IF L = 1, 2, 4 and the multi-threshold
-neuron; differential coding: signed IF L = 1, 2, 4 with hysteresis 0, 1/4, 1/2; T = 1 .. 16), one conversion
-with the thresholds chosen for that T, top-1 at step T on the test images and the energy per image of
-``convert.energy_report`` (standard: one SOP per event; strict: every value sent with |k| > 1 is a MAC) on the
-first ``--energy-images`` of them. Fine-tuned points (``FINETUNED``): one grid point fine-tuned on the
-training split with a recipe (conf/finetune/bptt.yaml plus its options), measured after each of ``EPOCHS``
-epochs of one run. SpikingJelly's STA recipe (``benchmarks.peers``) at T = 1, 2, 4, 8 on the models
-torchvision's ViT can hold, its energy by the same rules (``benchmarks.peers.sta_energy``). A run with
-``--finetuned`` or ``--peer`` replaces only its own points in the saved results; a grid run keeps the saved
-fine-tuned points and measures the peer's anew. The front keeps the points no other point, training-free,
-fine-tuned or the peer's, beats on both accuracy and energy. Writes benchmarks/results/energy.json and
-energy.png and the ``energy`` section of BENCHMARKS.md.
+neuron, L = 16 at T = 1, 2; differential coding: signed IF L = 1, 2, 4 with hysteresis 0, 1/4, 1/2;
+T = 1 .. 16), one conversion with the thresholds chosen for that T, top-1 at step T on the test images and the
+energy per image of ``convert.energy_report`` (standard: one SOP per event; strict: every value sent with
+|k| > 1 is a MAC) on the first ``--energy-images`` of them. Fine-tuned points (``FINETUNED``): one grid point
+fine-tuned on the training split with a recipe (conf/finetune/bptt.yaml plus its options), measured after
+each of ``EPOCHS`` epochs of one run. SpikingJelly's STA recipe (``benchmarks.peers``) at T = 1, 2, 4, 8 on
+the models torchvision's ViT can hold, its energy by the same rules (``benchmarks.peers.sta_energy``). A run
+with ``--finetuned``, ``--peer`` or ``--variants`` replaces only its own points in the saved results; a grid
+run keeps the saved fine-tuned points and measures the peer's anew. The front keeps the points no other
+point, training-free, fine-tuned or the peer's, beats on both accuracy and energy. Writes
+benchmarks/results/energy.json and energy.png and the ``energy`` section of BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ GRID: Dict[str, tuple] = {
     "rate, signed IF L=1": (dict(), (1, 2, 4, 8, 16)),
     "rate, signed IF L=2": (dict(levels=2), (1, 2, 4, 8)),
     "rate, signed IF L=4": (dict(levels=4), (1, 2, 4, 8)),
+    "rate, signed IF L=16": (dict(levels=16), (1, 2)),
     "rate, multi-threshold N=4": (dict(neuron="multi_threshold", levels=4), (1, 2, 4, 8)),
     "differential, signed IF L=1": (dict(coding="differential"), (4, 8, 16)),
     "differential, signed IF L=2": (dict(coding="differential", levels=2), (2, 4, 8)),
@@ -225,7 +227,8 @@ def figure(res: dict):
 def markdown(res: dict, command: str) -> str:
     lines = [BEGIN, "## Accuracy per energy: coding x neuron x levels x T, training-free and fine-tuned, beside "
              "SpikingJelly", "",
-             f"Measured with `{res.get('grid_command', command)}` on {res['date']}: {res['machine']}; top-1 at step "
+             "Measured with " + "; ".join(f"`{c}`" for c in res.get("grid_commands", [command])) +
+             f" (first on {res['date']}): {res['machine']}; top-1 at step "
              f"T on {res['images']} test images, energy on the first {res['energy_images']} ({res['data']}). Energy is the SNN's per image "
              "over T steps divided by the ANN's (DESIGN section 6, `convert/energy.py`); standard: one SOP per event, "
              "strict: a value sent with |k| > 1 costs one MAC per synapse. `events`: mean events per neuron per step. "
@@ -300,16 +303,23 @@ def _run(args, grid):
     parts = [("finetuned", lambda: measure_finetuned(args.models, args.finetuned, args.eval_images,
                                                      args.energy_images, args.train_images))] if args.finetuned else []
     parts += [("peer", lambda: measure_peer(args.models, args.eval_images, args.energy_images))] if args.peer else []
-    if parts:  # only these parts are measured; everything else saved stays
+    if parts or args.variants:  # only these parts or grid variants are measured; everything else saved stays
         res = json.loads(saved.read_text())
-        res.setdefault("grid_command", res["command"])
+        res.setdefault("grid_commands", [res.pop("grid_command", res["command"])])
     else:
         old = json.loads(saved.read_text())["models"] if saved.exists() and not args.quick else {}
         res = {**measure(args.models, grid, args.eval_images, args.energy_images), "quick": args.quick,
-               "grid_command": command_line("benchmarks.energy")}
+               "grid_commands": [command_line("benchmarks.energy")]}
         for name, m in res["models"].items():  # the fine-tuned points stay
             m.update({k: v for k, v in old.get(name, {}).items() if k.startswith("finetuned") or k == "train_images"})
         parts = [("peer", lambda: measure_peer(args.models, args.eval_images, args.energy_images))]
+    if args.variants:
+        new = measure(args.models, {v: GRID[v] for v in args.variants}, args.eval_images, args.energy_images)
+        order = list(GRID)
+        for name, m in new["models"].items():
+            points = [p for p in res["models"][name]["points"] if p["variant"] not in args.variants] + m["points"]
+            res["models"][name]["points"] = sorted(points, key=lambda p: (order.index(p["variant"]), p["T"]))
+        res["grid_commands"].append(command_line("benchmarks.energy"))
     run = {"command": command_line("benchmarks.energy"), "date": machine_info("")["date"]}
     for part, measure_part in parts:
         merge(res, part, measure_part(), run)
@@ -326,6 +336,8 @@ def _arguments(parser):
     parser.add_argument("--finetuned", nargs="+", default=[], choices=list(FINETUNED),
                         help="run only these fine-tuning recipes (on --models) and keep the other saved results")
     parser.add_argument("--train-images", type=int, default=None, help="fine-tuning: default the whole train split")
+    parser.add_argument("--variants", nargs="+", default=[], choices=list(GRID),
+                        help="run only these grid variants (on --models); their saved points are replaced")
     parser.add_argument("--peer", action="store_true",
                         help=f"run only {PEER}'s points (on --models) and keep the other saved results")
 
