@@ -62,6 +62,7 @@ FINETUNED: Dict[str, tuple] = {
     "defaults": ("rate, signed IF L=1", 4, {}, 2),
     "event penalty 30": ("rate, signed IF L=1", 4, dict(event_penalty=30.0), 2),
     "event penalty 10": ("rate, signed IF L=1", 4, dict(event_penalty=10.0), 2),
+    "lr 3e-4": ("rate, signed IF L=1", 4, dict(lr=3e-4), 2),
 }
 EPOCHS = (0.5, 1, 2)
 PEER, PEER_STEPS = "SpikingJelly STA", (1, 2, 4, 8)
