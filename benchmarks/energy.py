@@ -191,11 +191,12 @@ def figure(res: dict):
                 for p in pts:
                     ax.annotate(str(p["T"]), (p[key], y(p)), fontsize=6, xytext=(2, 2),
                                 textcoords="offset points")
-            for j, (recipe, rows) in enumerate(m.get("finetuned", {}).items()):
+            for recipe, rows in m.get("finetuned", {}).items():
                 variant, T = rows[0]["variant"].split(" + ")[0], rows[0]["T"]
                 start = [p for p in m["points"] if p["variant"] == variant and p["T"] == T]
                 pts = start + sorted(rows, key=lambda p: p["epochs"])
-                ax.plot([p[key] for p in pts], [y(p) for p in pts], ":", marker="*", ms=7, color=f"C{j % 10}",
+                colour = plt.cm.Dark2(list(FINETUNED).index(recipe) % 8) if recipe in FINETUNED else "grey"
+                ax.plot([p[key] for p in pts], [y(p) for p in pts], ":", marker="*", ms=8, color=colour,
                         markevery=list(range(len(start), len(pts))), label=f"T={T} fine-tuned: {recipe}")
                 for p in rows:
                     ax.annotate(f"{p['epochs']}e", (p[key], y(p)), fontsize=6, xytext=(2, -7),
@@ -218,7 +219,8 @@ def figure(res: dict):
             lo = sorted(p["top1"] for p in m["points"])[len(m["points"]) // 5]
             ax.set_ylim(max(lo - 3, 0), m["ann_top1"] + 1)
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6, ncol=1, loc="lower right")
+    for row in axes:  # each model's own fine-tuned recipes
+        row[0].legend(fontsize=6, ncol=1, loc="lower right")
     fig.suptitle("Accuracy per energy (solid: rate coding, dashed: differential, stars: fine-tuned for the epochs "
                  "written beside them)", fontsize=10)
     fig.tight_layout()
