@@ -1,7 +1,7 @@
 """Side by side with SpikingJelly 2.0's STATransformerRecipe on the same network, images and calibration.
 
     pip install -e '.[bench]'
-    python -m benchmarks.peers            # full test split, T = 1, 2, 4, 8, 16 (about 40 minutes on 2 cores)
+    python -m benchmarks.peers            # full test split, T = 1, 2, 4, 8, 16 (about 30 minutes on 2 cores)
     python -m benchmarks.peers --model vit_fmnist_p4 [--eval-images N]   # another class-token model, own section
     python -m benchmarks.peers --quick    # 256 test images, T = 2, 4
 
@@ -10,8 +10,8 @@ ported 1:1 (models.torchvision_port; the outputs agree to 1e-5). It is used the 
 ImageNet ViT example does: mode spiking_encoder, MSE thresholds, threshold scale 0.5,
 the image fed at step 1 and zeros after, logits summed over T; one conversion per T
 (its thresholds depend on T), and so are ours (thresholds chosen for each T; the
-largest T's run is anytime and its time is reported). Its spike encoders emit unbounded graded counts
-trunc(membrane / threshold) per step. For both sides the table gives the spike
+largest T's run is anytime and its time is reported). Its spike encoders emit unbounded
+graded counts trunc(membrane / threshold) per step. For both sides the table gives the spike
 alphabet (the largest count one neuron emitted in one step), mean events per neuron
 per step (an event: one unit of count; our multi-threshold neuron: one per spike) and
 which operations stay analog.
