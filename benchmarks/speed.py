@@ -15,7 +15,8 @@ seconds). Also: how far each mode's outputs are from step mode's (and on a GPU, 
 peak memory of the simulation (CUDA: the allocator's peak; CPU: the peak resident size of a fresh process
 running it, VmHWM), where the time goes per module
 type (self time from forward hooks, at the largest T, both modes), with ``--compile`` the same for the
-simulation through torch.compile (and the seconds of its first, compiling call), and with ``--bf16`` the speed and the
+simulation through torch.compile (and the seconds of its first, compiling call), on a GPU with Triton the
+fused neuron kernels (models.kernels) against the eager path at every T, and with ``--bf16`` the speed and the
 effect on predictions of running the analog layers under bfloat16 autocast. With ``--peer-images N``
 (vit_fmnist, Fashion-MNIST test images): the seconds of our whole accuracy-vs-T curve for T = 1..16 (one
 anytime run, ANN reference included) against SpikingJelly's STA recipe evaluating T=16 alone on the same
@@ -42,6 +43,7 @@ import torch
 from benchmarks.core import machine_info
 from benchmarks.outputs import benchmark_main
 from convert import convert
+from models import kernels
 from models.zoo import FMNIST_MODELS, create_ann
 
 BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"  # the CPU's section; another device's: markers(device)
@@ -183,6 +185,10 @@ def measure(name: str, batch: int, timesteps, device: str = "cpu", repeats: int 
     for key, variant, wanted in (("bf16", bf16, use_bf16), ("compile", through_compile, use_compile)):
         if wanted:
             res[key] = variant_effect(snn, x, max(timesteps), device, repeats, variant)
+    with torch.no_grad():
+        fused = kernels.usable(x, steps=2)
+    if fused:
+        res["kernels"] = kernel_effect(snn, x, timesteps, device, repeats)
     if memory:
         res["peak_memory_mb"] = {m: {str(T): device_peak_memory_mb(snn, x, m, T) if x.is_cuda else
                                      peak_memory_mb(name, batch, m, T) for T in timesteps} for m in modes}
@@ -239,6 +245,29 @@ def variant_effect(snn, x, T: int, device: str, repeats: int, variant) -> dict:
             seconds = min(_seconds(lambda: snn.simulate(x, T), device) for _ in range(repeats))
         eager = min(_seconds(lambda: snn.simulate(x, T), device) for _ in range(repeats))
         out[mode] = {"T": T, "speedup": eager / seconds, "first_call_s": first, **_difference(low, ref)}
+    return out
+
+
+@torch.no_grad()
+def kernel_effect(snn, x, timesteps, device: str, repeats: int) -> dict:
+    """The fused neuron kernels (models.kernels, on by default where they run) against the eager path, in both
+    modes and in chunks of 4, at every T: speed-up of the simulation, interleaved timings, and whether the
+    outputs of all T steps are bitwise equal."""
+    out = {}
+    for mode in MODES + ("m4",):
+        out[mode] = {}
+        for T in timesteps:
+            fused = simulate_in(snn, x, mode, T)
+            with kernels.disabled():
+                eager = simulate_in(snn, x, mode, T)
+            times = {"fused": float("inf"), "eager": float("inf")}
+            for _ in range(repeats):
+                times["fused"] = min(times["fused"], _seconds(lambda: simulate_in(snn, x, mode, T), device))
+                with kernels.disabled():
+                    times["eager"] = min(times["eager"], _seconds(lambda: simulate_in(snn, x, mode, T), device))
+            out[mode][str(T)] = {"speedup": times["eager"] / times["fused"], "bitwise_equal": torch.equal(fused, eager),
+                                 **_difference(fused, eager)}
+    snn.step_mode, snn.chunk = "s", None
     return out
 
 
@@ -345,6 +374,12 @@ def markdown(res: dict, command: str) -> str:
             steps = f"T={Ts[-1]}" if mode == "ann" else f"T = 1..{Ts[-1]}"
             lines.append(f"- {name}, {subject} vs {what}, {steps}: largest logit difference "
                          f"{d['max_logit_error']:.1e} of the largest logit, top-1 agreement {d['top1_agreement']:.2f}%")
+        for mode, k in r.get("kernels", {}).items():
+            equal = all(v["bitwise_equal"] for v in k.values())
+            lines.append(f"- {name}, fused neuron kernels (models.kernels) against the eager path, {mode_label(mode)}: "
+                         + ", ".join(f"T={T} {v['speedup']:.2f}x" for T, v in k.items()) + " the eager speed; outputs "
+                         + ("bitwise equal at every step" if equal else "not bitwise equal (largest logit difference "
+                            f"{max(v['max_logit_error'] for v in k.values()):.1e} of the largest logit)"))
         if "compile" in r:
             for mode, b in r["compile"].items():
                 lines.append(f"- {name}, torch.compile (`compile=true`), {mode_label(mode)}, T={b['T']}: "

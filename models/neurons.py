@@ -31,6 +31,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from models import kernels
 from models.state import StatefulModule
 from models.tokens import token_rows
 
@@ -59,6 +60,7 @@ class BaseNeuron(StatefulModule):
         self.hysteresis = 0.0
         self.u: Optional[torch.Tensor] = None
         self._theta: Optional[torch.Tensor] = None
+        self._block: Optional[torch.Tensor] = None
         self.level: Optional[torch.Tensor] = None  # differential: k(t - 1)
         self._prior: Optional[torch.Tensor] = None  # differential: the previous output under the latest one
 
@@ -121,6 +123,7 @@ class BaseNeuron(StatefulModule):
     def reset(self) -> None:
         self.u = None
         self._theta = None  # the threshold shaped for this sequence's inputs, computed at its first step
+        self._block = None  # the same for the fused kernel (models.kernels.theta_block)
         self.level = None
         self._prior = None
 
@@ -169,12 +172,23 @@ class BaseNeuron(StatefulModule):
         fire nothing; otherwise fire(u)."""
         return torch.where((u - level - self.zero_centre).abs() < band, level, self.fire(u))
 
+    def fused_range(self, x: torch.Tensor, steps: int = 1) -> Optional[Tuple[int, int]]:
+        """(lo, hi) of k = clamp(floor(u), lo, hi) where the fused kernel (models.kernels) runs ``steps`` steps of
+        this neuron's update on inputs like ``x`` (one step's), else None."""
+        return None
+
     def single_step(self, x: torch.Tensor) -> torch.Tensor:
         if self.analog:
             return x if self.signed else torch.clamp(x, min=0)
         if self._theta is None:  # first step of a sequence
             self._theta = self.theta(x)
         theta = self._theta
+        fused = self.fused_range(x)
+        if fused is not None:
+            if self._block is None:
+                self._block = kernels.theta_block(theta, x.shape)
+            out, self.u = kernels.if_sequence(x.unsqueeze(0), self.u, self._block, self.v_init, *fused)
+            return out[0]
         if self.coding == "differential":  # k is kept as the next step's level: not scaled in place
             self._prior = torch.zeros_like(x) if self.level is None else self.level * theta
             self.u, k = self._integrate(self.u, x, theta)
@@ -187,6 +201,9 @@ class BaseNeuron(StatefulModule):
         """The steps of unfolded inputs ``xs`` [T, B, ...] from membrane ``u`` (None: reset), without autograd:
         every step writes k * theta straight into its slice of the output (``pre``: see ``_integrate``).
         Returns the outputs and the final membrane."""
+        fused = None if pre is not None else self.fused_range(xs[0], xs.shape[0])
+        if fused is not None:
+            return kernels.if_sequence(xs, u, kernels.theta_block(theta, xs.shape[1:]), self.v_init, *fused)
         out = torch.empty_like(xs)
         for t in range(xs.shape[0]):
             u, k = self._integrate(u, xs[t], theta, None if pre is None else pre[t])
@@ -238,6 +255,12 @@ class IFNeuron(BaseNeuron):
 
     def fire(self, u: torch.Tensor) -> torch.Tensor:
         return torch.floor(u).clamp_(-self.num_levels if self.signed else 0, self.num_levels)
+
+    def fused_range(self, x: torch.Tensor, steps: int = 1) -> Optional[Tuple[int, int]]:
+        """Rate coding, no leak, reset by subtraction, and where ``kernels.usable``."""
+        if self.coding != "rate" or self.leak != 1.0 or self.hard_reset or not kernels.usable(x, steps):
+            return None
+        return -self.num_levels if self.signed else 0, self.num_levels
 
     def hold(self, u: torch.Tensor, level: torch.Tensor, band: float) -> torch.Tensor:
         """The level nearest k(t-1) that leaves the residual within ``band`` of 1/2 (k(t-1) itself while it

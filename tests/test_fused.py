@@ -10,8 +10,9 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from benchmarks import speed
+from models import kernels
 from models.ecm import ExpectationCompensation, SpikeProduct
-from models.neurons import Surrogate
+from models.neurons import IFNeuron, SignedIFNeuron, Surrogate
 from models.families import tiny
 from models.state import reset_net, run_steps, set_step_mode
 from tests.conftest import build
@@ -71,6 +72,95 @@ def test_fused_neuron_is_bitwise_the_reference(idx, T, mode, shape, kind, seed):
     fused, reference, taken = _both_paths(neuron, [xs], mode)
     assert torch.equal(fused, reference)
     assert all(torch.equal(a, b) for a, b in zip(taken, fused))
+
+
+# the fused Triton kernels run on CUDA; here through Triton's interpreter (the same source), and on a GPU also there
+KERNEL_DEVICES = ["interpreted"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@contextlib.contextmanager
+def _on(device):
+    """The kernels for every call, single steps of a few elements included."""
+    with kernels.interpreted() if device == "interpreted" else contextlib.nullcontext(), kernels.single_steps_from(0):
+        yield
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@settings(max_examples=40, deadline=None)
+@given(idx=st.integers(0, len(NEURONS) - 1), T=st.integers(1, 7), mode=st.sampled_from(["s", "m", "m2"]),
+       shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+       kind=st.sampled_from(["scalar", "last", "axis1", "rows"]), seed=st.integers(0, 10_000))
+def test_fused_kernel_is_bitwise_the_eager_path(device, idx, T, mode, shape, kind, seed):
+    """Integrate-and-fire neurons (any levels, v_init, threshold shape) run through the fused kernel give the eager
+    path's outputs and membranes bitwise, in step mode, multi-step mode and chunks carried between calls; every
+    other neuron keeps the eager path."""
+    gen = torch.Generator().manual_seed(seed)
+    neuron = NEURONS[idx]()
+    _shaped_threshold(neuron, shape, kind, gen)
+    dev = "cpu" if device == "interpreted" else device
+    neuron.to(dev)
+    xs = (torch.randn(T, *shape, generator=gen) * 3 * neuron.max_level).to(dev)
+    results, calls = [], []
+
+    def counted(*args):
+        calls.append(1)
+        return if_sequence(*args)
+
+    if_sequence = kernels.if_sequence
+    for fused in (True, False):
+        reset_net(neuron)
+        chunk = 2 if mode == "m2" else T
+        with torch.no_grad(), (_on(device) if fused else kernels.disabled()), \
+                pytest.MonkeyPatch.context() as patch:
+            patch.setattr(kernels, "if_sequence", counted)
+            if mode == "s":
+                set_step_mode(neuron, "s")
+                out = torch.stack([neuron(x) for x in xs])
+            else:
+                outs = []
+                for start in range(0, T, chunk):
+                    part = xs[start:start + chunk]
+                    set_step_mode(neuron, "m", len(part), carry=len(part) < T)
+                    outs.append(neuron(part.reshape(-1, *shape[1:])).reshape(part.shape))
+                out = torch.cat(outs)
+        results.append((out, neuron.u))
+    reset_net(neuron)
+    (fused, u_fused), (eager, u_eager) = results
+    assert torch.equal(fused, eager)
+    assert (u_fused is None) == (u_eager is None) and (u_fused is None or torch.equal(u_fused, u_eager))
+    assert bool(calls) == isinstance(neuron, IFNeuron)  # the kernel ran where it applies, and nowhere else
+
+
+def test_fused_kernel_leaves_other_codings_and_autograd_to_the_eager_path():
+    x = torch.randn(3, 5)
+    with _on("interpreted"), torch.no_grad():
+        neuron = SignedIFNeuron(levels=2)
+        assert neuron.fused_range(x) == (-2, 2) and IFNeuron(levels=3).fused_range(x) == (0, 3)
+        neuron.set_coding("differential")
+        assert neuron.fused_range(x) is None
+        with torch.enable_grad():
+            assert SignedIFNeuron().fused_range(x) is None
+        assert SignedIFNeuron().fused_range(x.double()) is None
+    with torch.no_grad():
+        assert SignedIFNeuron().fused_range(x) is None  # a CPU tensor, not interpreted: eager
+    with _on("interpreted"), kernels.disabled(), torch.no_grad():
+        assert SignedIFNeuron().fused_range(x) is None
+    with kernels.interpreted(), kernels.single_steps_from(16), torch.no_grad():  # single steps from 16 elements
+        assert SignedIFNeuron().fused_range(x) is None and SignedIFNeuron().fused_range(x, steps=2) == (-1, 1)
+        assert SignedIFNeuron().fused_range(torch.randn(4, 4)) == (-1, 1)
+
+
+@pytest.mark.parametrize("name, options", [("vit", {}), ("swin", {"levels": 2}), ("vit", {"neuron": "if"})])
+def test_fused_kernel_network_simulation_is_bitwise_the_eager_one(name, options):
+    ann, size = tiny(name)
+    x = images(size, 2, seed=5)
+    snn = convert(ann, x, timesteps=3, progress=False, **options)
+    for mode, chunk in (("s", None), ("m", None), ("m", 2)):
+        with torch.no_grad():
+            eager = run_steps(snn.net, x, 3, mode, chunk=chunk)
+            with _on("interpreted"):
+                fused = run_steps(snn.net, x, 3, mode, chunk=chunk)
+        assert torch.equal(fused, eager), (mode, chunk)
 
 
 def _outputs_and_gradients(neuron, xs, grad_out, mode):
@@ -177,6 +267,11 @@ def test_speed_benchmark_quick_mode_runs_and_renders():
     same = speed.variant_effect(snn, images(28, 4, seed=1)[:, :1], 2, "cpu", 1, lambda *_: contextlib.nullcontext())
     assert set(same) == {"s", "m"} and all(v["max_logit_error"] == 0 and v["top1_agreement"] == 100 and
                                            v["first_call_s"] > 0 for v in same.values())
+    with _on("interpreted"):  # the GPU's kernels against the eager path, through Triton's interpreter
+        fused = speed.kernel_effect(snn, images(28, 4, seed=1)[:, :1], [1, 2], "cpu", 1)
+    assert set(fused) == {"s", "m", "m4"} and all(set(m) == {"1", "2"} for m in fused.values())
+    assert all(v["bitwise_equal"] and v["speedup"] > 0 for m in fused.values() for v in m.values())
+    assert "fused neuron kernels" in speed.markdown({**res, "models": {"vit_fmnist": {**r, "kernels": fused}}}, "t")
     with pytest.raises(SystemExit, match="one per model"):
         speed.run(["vit_fmnist", "vit_fmnist"], [4, 4, 4], (1,))
 
