@@ -326,10 +326,13 @@ def _run(args, grid):
     run = {"command": command_line("benchmarks.energy"), "date": machine_info("")["date"]}
     for part, measure_part in parts:
         merge(res, part, measure_part(), run)
-    fig = figure(res)
-    args.out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out / ("energy-quick.png" if args.quick else "energy.png"), dpi=110)
     return res
+
+
+def save_figure(res: dict, args) -> None:
+    """benchmarks/results/energy[-quick].png from the results."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    figure(res).savefig(args.out / ("energy-quick.png" if args.quick else "energy.png"), dpi=110)
 
 
 def _arguments(parser):
@@ -349,7 +352,7 @@ def main() -> None:
     def quick(args):
         args.models, args.eval_images = args.models[:1], args.eval_images or 500
         return _run(args, QUICK)
-    benchmark_main("energy", __doc__, lambda args: _run(args, GRID), quick, markdown, _arguments)
+    benchmark_main("energy", __doc__, lambda args: _run(args, GRID), quick, markdown, _arguments, plot=save_figure)
 
 
 if __name__ == "__main__":

@@ -71,11 +71,13 @@ def write_section(md_path: Path, section: str) -> None:
     md_path.write_text(text)
 
 
-def benchmark_main(name: str, doc: str, run_full, run_quick, markdown, add_arguments=None, variant=None) -> None:
+def benchmark_main(name: str, doc: str, run_full, run_quick, markdown, add_arguments=None, variant=None,
+                   plot=None) -> None:
     """The command line of a benchmark module: measure (``--quick``: a short version), keep the results as
     benchmarks/results/<name><variant>[-quick].json and write its section of BENCHMARKS.md; ``--render`` only
-    rewrites the section from the saved results. ``run_full`` / ``run_quick`` take the parsed arguments, and
-    ``variant`` (optional) gives from them a suffix for results kept apart (e.g. another device's)."""
+    rewrites the section (and the plot) from the saved results. ``run_full`` / ``run_quick`` take the parsed
+    arguments, ``variant`` (optional) gives from them a suffix for results kept apart (e.g. another device's),
+    and ``plot`` (optional) writes the figure from the results and the arguments."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--render", action="store_true", help="rewrite the section from the saved results")
@@ -92,6 +94,8 @@ def benchmark_main(name: str, doc: str, run_full, run_quick, markdown, add_argum
         res["command"] = command_line(f"benchmarks.{name}", skip=("--render",))
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res, indent=2))
+    if plot:
+        plot(res, args)
     write_section(args.markdown, markdown(res, res.get("command", f"python -m benchmarks.{name}").strip()))
     print(f"wrote {args.markdown}", file=sys.stderr)
 

@@ -163,3 +163,32 @@ def test_softmax_free_quick_runs_and_renders(monkeypatch):
     md = sf.markdown(res, "test")
     assert md.startswith(sf.BEGIN) and md.rstrip().endswith(sf.END) and "| ssa | labels (defaults) |" in md
     assert "| spike_driven, constant norm | 2 |" in md
+
+
+@pytest.mark.parametrize("render", [False, True])
+def test_benchmark_command_line_writes_results_section_and_plot(tmp_path, monkeypatch, render):
+    """A measurement keeps its results and writes the section and the plot; --render redraws both from the
+    saved results without measuring."""
+    import json
+    import sys
+
+    from benchmarks.outputs import benchmark_main
+    out, md = tmp_path / "results", tmp_path / "B.md"
+    out.mkdir()
+    if render:
+        (out / "toy.json").write_text(json.dumps({"value": 7, "command": "python -m benchmarks.toy"}))
+    measured = []
+
+    def run(args):
+        measured.append(1)
+        return {"value": 3}
+
+    def plot(res, args):
+        (args.out / "toy.png").write_text(str(res["value"]))
+
+    monkeypatch.setattr(sys, "argv", ["toy", "--out", str(out), "--markdown", str(md)] + ["--render"] * render)
+    benchmark_main("toy", "Toy.", run, run, lambda res, cmd: f"<!-- a -->\n{res['value']} {cmd}\n<!-- b -->\n",
+                   plot=plot)
+    value = "7" if render else "3"
+    assert measured == ([] if render else [1]) and (out / "toy.png").read_text() == value
+    assert f"{value} python -m benchmarks.toy" in md.read_text() and json.loads((out / "toy.json").read_text())
