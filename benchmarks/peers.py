@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from benchmarks.core import calibration_images, machine_info
 from benchmarks.outputs import benchmark_main
 from convert import convert
-from convert.energy import E_MAC_PJ, E_SOP_PJ
+from convert.energy import E_MAC_PJ, E_SOP_PJ, event_costs
 from convert.evaluate import evaluate
 from models.data import fashion_mnist
 from models.neurons import BaseNeuron
@@ -116,10 +116,10 @@ def sta_energy(snn, x: torch.Tensor, T: int) -> dict:
         if k is None:
             analog(dense_per_step * float(v.flatten(2).ne(0).any(-1).sum()))
             return
-        graded = k > 1
-        c["sops"] += float(k.sum()) * fan_out
-        c["strict_sops"] += float(k[~graded].sum()) * fan_out
-        c["strict_macs"] += float(graded.sum()) * fan_out
+        sops, strict_sops, strict_macs = event_costs(k, k, fan_out)  # an encoder's count k is k events
+        c["sops"] += sops
+        c["strict_sops"] += strict_sops
+        c["strict_macs"] += strict_macs
 
     def analog(elements: float):
         c["macs"] += elements

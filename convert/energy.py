@@ -48,13 +48,17 @@ E_SOP_PJ = 0.9
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _costs(neuron: BaseNeuron, k: torch.Tensor, fan_out: float) -> Tuple[float, float, float]:
-    """(standard SOPs, strict SOPs, strict MACs) of the integer values ``k`` a neuron sent, each reaching
-    ``fan_out`` synapses."""
-    events = neuron.count(k)
+def event_costs(k: torch.Tensor, events: torch.Tensor, fan_out: float) -> Tuple[float, float, float]:
+    """(standard SOPs, strict SOPs, strict MACs) of integer values ``k`` sent as ``events`` per element (|k|
+    for counts, one per non-zero graded spike), each reaching ``fan_out`` synapses: one SOP per event, and under
+    the strict accounting one MAC per synapse for each |k| > 1 instead."""
     graded = k.abs() > 1
-    sops = float(events.sum()) * fan_out
-    return sops, float(events[~graded].sum()) * fan_out, float(graded.sum()) * fan_out
+    return float(events.sum()) * fan_out, float(events[~graded].sum()) * fan_out, float(graded.sum()) * fan_out
+
+
+def _costs(neuron: BaseNeuron, k: torch.Tensor, fan_out: float) -> Tuple[float, float, float]:
+    """``event_costs`` of the integer values ``k`` a neuron sent, counted as its events."""
+    return event_costs(k, neuron.count(k), fan_out)
 
 
 def product_macs(op, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> float:
