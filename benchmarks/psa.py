@@ -11,9 +11,11 @@ the energy per image relative to ecm's (``convert.energy_report`` on 64 test ima
 """
 from __future__ import annotations
 
+import json
+
 from torch.utils.data import DataLoader, Subset
 
-from benchmarks.core import calibration_images, machine_info
+from benchmarks.core import calibration_images, command_line, machine_info
 from benchmarks.outputs import benchmark_main
 from convert import convert, energy_report
 from convert.evaluate import evaluate
@@ -61,16 +63,32 @@ def measure(models, steps, mask_ps, eval_images: int) -> dict:
     return out
 
 
+def measure_keeping_others(args) -> dict:
+    """``measure`` on ``--models``; the saved results of other models stay, each model with its own run (command,
+    date, test images)."""
+    new = measure(args.models, args.timesteps, MASK_P, args.eval_images)
+    run = {"command": command_line("benchmarks.psa"), "date": new["date"], "images": new["images"]}
+    saved = args.out / "psa.json"
+    old = json.loads(saved.read_text()) if saved.exists() else {"models": {}}
+    for m in old["models"].values():  # saved before each model kept its own run
+        for key in run:
+            m.setdefault(key, old[key])
+    new["models"] = {**old["models"], **{name: {**m, **run} for name, m in new["models"].items()}}
+    return new
+
+
 def markdown(res: dict, command: str) -> str:
     lines = [BEGIN, "## psa: accuracy vs mask_p vs SOPs (training-free)", "",
-             f"Measured with `{command}` on {res['date']}: {res['machine']}; top-1 at step T on {res['images']} test "
-             "images, SOPs and energy on 64. Masks: EST's on Q, K and the attention map A, Bernoulli(1 - mask_p) at "
+             f"On {res['machine']}: top-1 at step T on the test images each model's run names, "
+             "SOPs and energy on 64. Masks: EST's on Q, K and the attention map A, Bernoulli(1 - mask_p) at "
              "every step; `rescaled`: `attention.mask_rescale=true` (the masked products divided by 1 - mask_p; EST "
              "does not rescale); `Q, K`: `attention.mask_operands=q+k`; `even`: `attention.mask_schedule=even` (each "
              "element dropped at an evenly spaced share mask_p of the steps). SOPs and energy relative to ecm's at "
              "the same T.", ""]
     for name, m in res["models"].items():
         lines += [f"### {name} (ANN {m['ann_top1']:.2f}%)", "",
+                  f"Measured with `{m.get('command', command)}` on {m.get('date', res['date'])}, "
+                  f"{m.get('images', res['images'])} test images.", "",
                   "| T | mask_p | masks | top-1 | drop vs ecm | Q K^T SOPs vs ecm | A V SOPs vs ecm | energy vs ecm |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in m["rows"]:
@@ -89,7 +107,7 @@ def _arguments(parser):
 
 
 def main() -> None:
-    benchmark_main("psa", __doc__, lambda a: measure(a.models, a.timesteps, MASK_P, a.eval_images),
+    benchmark_main("psa", __doc__, measure_keeping_others,
                    lambda a: measure(a.models[:1], [4], (0.25,), 300), markdown, _arguments)
 
 

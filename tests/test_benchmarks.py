@@ -133,7 +133,7 @@ def test_recipes_quick_runs_and_renders():
     assert md.startswith(recipes.BEGIN) and md.rstrip().endswith(recipes.END) and "| labels (defaults) |" in md
 
 
-def test_psa_quick_runs_and_renders():
+def test_psa_quick_runs_and_renders(tmp_path_factory, monkeypatch):
     from benchmarks import psa
     res = psa.measure(["vit_fmnist"], [2], (0.5,), eval_images=32)
     rows = res["models"]["vit_fmnist"]["rows"]
@@ -142,6 +142,20 @@ def test_psa_quick_runs_and_renders():
     assert all(r["qk_vs_ecm"] < 0.7 for r in rows[1:])  # both operands masked in every setting
     md = psa.markdown(res, "test")
     assert md.startswith(psa.BEGIN) and md.rstrip().endswith(psa.END) and "| 2 | 0.5 | Q, K; even; rescaled |" in md
+    # a run on another model keeps the saved model's results, each model with its own run
+    import argparse
+    import json
+    saved = {**res, "command": "python -m benchmarks.psa", "date": "then", "images": 32}
+    tmp = tmp_path_factory.mktemp("psa")
+    (tmp / "psa.json").write_text(json.dumps(saved))
+    other = {**res, "date": "now", "images": 16, "models": {"vit_fmnist_gap": res["models"]["vit_fmnist"]}}
+    monkeypatch.setattr(psa, "measure", lambda *args: json.loads(json.dumps(other)))
+    both = psa.measure_keeping_others(argparse.Namespace(models=["vit_fmnist_gap"], timesteps=[2], eval_images=16,
+                                                         out=tmp))
+    assert list(both["models"]) == ["vit_fmnist", "vit_fmnist_gap"]
+    assert [(m["date"], m["images"]) for m in both["models"].values()] == [("then", 32), ("now", 16)]
+    md = psa.markdown(both, "latest")
+    assert "`python -m benchmarks.psa` on then, 32 test images" in md and "on now, 16 test images" in md
 
 
 def test_softmax_free_quick_runs_and_renders(monkeypatch):
