@@ -98,6 +98,16 @@ def _seconds(fn, device: str) -> float:
     return time.perf_counter() - t0
 
 
+def interleaved_best(calls: dict, repeats: int, device: str) -> dict:
+    """The best of ``repeats`` timings (s) of every call (key -> function), the calls interleaved so that drifts
+    of the machine hit all of them alike."""
+    best = {key: float("inf") for key in calls}
+    for _ in range(repeats):
+        for key, fn in calls.items():
+            best[key] = min(best[key], _seconds(fn, device))
+    return best
+
+
 def module_profile(snn, x, timesteps: int, device: str = "cpu") -> Dict[str, float]:
     """Self time (s) per module type over one simulation: each module's forward minus its children's (on a GPU
     the hooks wait for the device, so that a module's time is its kernels' and not their launch)."""
@@ -161,16 +171,12 @@ def measure(name: str, batch: int, timesteps, device: str = "cpu", repeats: int 
     ann, x = model_and_images(name, batch, device)
     snn = convert(ann, x, timesteps=max(timesteps), progress=False)
     modes = MODES + ((f"m{chunk}",) if chunk else ())
-    best = {"ann": float("inf"), **{(m, T): float("inf") for m in modes for T in timesteps}}
     with torch.no_grad():
         ann(x)  # warm-up: first calls allocate and pick kernels
         for mode in modes:
             simulate_in(snn, x, mode, min(timesteps))
-        for _ in range(repeats):
-            best["ann"] = min(best["ann"], _seconds(lambda: ann(x), device))
-            for mode in modes:
-                for T in timesteps:
-                    best[mode, T] = min(best[mode, T], _seconds(lambda: simulate_in(snn, x, mode, T), device))
+        best = interleaved_best({"ann": lambda: ann(x), **{(m, T): lambda m=m, T=T: simulate_in(snn, x, m, T)
+                                                           for m in modes for T in timesteps}}, repeats, device)
     res = {"batch": batch, "images": "Fashion-MNIST (bundled)" if name in FMNIST_MODELS else "random",
            "input": list(x.shape[1:]), "ann_forward_s": best["ann"], "ann_images_per_s": batch / best["ann"],
            "modes": {m: {str(T): {"simulate_s": best[m, T], "images_per_s": batch / best[m, T],
@@ -257,16 +263,17 @@ def kernel_effect(snn, x, timesteps, device: str, repeats: int) -> dict:
     for mode in MODES + ("m4",):
         out[mode] = {}
         for T in timesteps:
-            fused = simulate_in(snn, x, mode, T)
-            with kernels.disabled():
-                eager = simulate_in(snn, x, mode, T)
-            times = {"fused": float("inf"), "eager": float("inf")}
-            for _ in range(repeats):
-                times["fused"] = min(times["fused"], _seconds(lambda: simulate_in(snn, x, mode, T), device))
+            def fused():
+                return simulate_in(snn, x, mode, T)
+
+            def eager():
                 with kernels.disabled():
-                    times["eager"] = min(times["eager"], _seconds(lambda: simulate_in(snn, x, mode, T), device))
-            out[mode][str(T)] = {"speedup": times["eager"] / times["fused"], "bitwise_equal": torch.equal(fused, eager),
-                                 **_difference(fused, eager)}
+                    return simulate_in(snn, x, mode, T)
+
+            outputs = fused(), eager()
+            times = interleaved_best({"fused": fused, "eager": eager}, repeats, device)
+            out[mode][str(T)] = {"speedup": times["eager"] / times["fused"],
+                                 "bitwise_equal": torch.equal(*outputs), **_difference(*outputs)}
     snn.step_mode, snn.chunk = "s", None
     return out
 
@@ -288,12 +295,9 @@ def finetune_timing(name: str, batch: int, timesteps, device: str = "cpu", steps
 
     for T in timesteps:
         train(T, 1)  # warm-up
-    best = {T: float("inf") for T in timesteps}
-    for _ in range(repeats):
-        for T in timesteps:
-            best[T] = min(best[T], _seconds(lambda: train(T, steps), device) / steps)
+    best = interleaved_best({T: lambda T=T: train(T, steps) for T in timesteps}, repeats, device)
     return {"model": name, "batch": batch, "steps": steps,
-            "timesteps": {str(T): {"step_s": best[T], "epoch_s": best[T] * -(-EPOCH_IMAGES // batch)}
+            "timesteps": {str(T): {"step_s": best[T] / steps, "epoch_s": best[T] / steps * -(-EPOCH_IMAGES // batch)}
                           for T in timesteps}}
 
 
