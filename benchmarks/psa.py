@@ -1,7 +1,7 @@
 """psa (EST's partial-information attention), training-free: accuracy vs mask_p vs the attention's SOPs, for
 EST's masks (Q, K and the attention map, Bernoulli at every step) with and without dividing the masked products
 by 1 - mask_p, and for masks on Q and K only, random or evenly spread (``MASKS``). Writes its section of
-BENCHMARKS.md.
+BENCHMARKS.md; a run on some ``--models`` keeps the saved results of the others.
 
     python -m benchmarks.psa [--models vit_fmnist] [--timesteps 4 8] [--eval-images 2000]
     python -m benchmarks.psa --quick     # 300 test images, T=4, mask_p 0.25
