@@ -2,6 +2,7 @@
 
     python -m benchmarks.generalization [--models vit_fmnist vit_fmnist_gap ...] [--eval-images N]
                                         [--timesteps 1 2 4 8 16 32 64] [--levels 1 4 16] [--levels-max-t 16]
+                                        [--option KEY=VALUE ...]
 
 For every model with weights in models/assets/ (``python -m models.train_reference --model NAME`` makes
 them) and every alphabet L, one conversion per T with the default options (signed IF, thresholds chosen
@@ -10,7 +11,9 @@ split. Multi-level alphabets run up to ``--levels-max-t`` (their targets are fro
 previous default (per-channel percentile 99.5, L=1) is run once to the largest T (its thresholds do not
 depend on T, so one anytime run gives every T). Conversion (calibration) seconds of both are recorded.
 Writes benchmarks/results/generalization.json and generalization.png and the section of BENCHMARKS.md
-between the ``generalization`` markers.
+between the ``generalization`` markers. ``--option`` (convert()'s keyword, a YAML value) measures the same grid
+with options on top of the defaults, kept beside the defaults' run as its own entry (beside the same model's
+default cells, and not in the plot, which shows the defaults).
 """
 from __future__ import annotations
 
@@ -21,10 +24,12 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch.utils.data import DataLoader, Subset
 
 from benchmarks.core import calibration_images, command_line, machine_info
 from convert import convert
+from convert.api import DEFAULTS, check_options
 from convert.evaluate import evaluate
 from convert.plots import png_bytes
 from models.data import fashion_mnist
@@ -34,7 +39,11 @@ RESULTS = Path("benchmarks/results")
 START, END = "<!-- generalization:start -->", "<!-- generalization:end -->"
 
 
-def run(models, timesteps, levels, levels_max_t, eval_images) -> dict:
+def entry_name(model: str, options: dict) -> str:
+    return model if not options else model + " with " + ", ".join(f"{k}={v}" for k, v in options.items())
+
+
+def run(models, timesteps, levels, levels_max_t, eval_images, options=None) -> dict:
     test_data = fashion_mnist("test")
     test = test_data.dataset if eval_images is None else Subset(test_data.dataset, range(eval_images))
     loader = DataLoader(test, batch_size=250)
@@ -44,12 +53,12 @@ def run(models, timesteps, levels, levels_max_t, eval_images) -> dict:
     for name in models:
         ann = create_ann(name)
         res = {**machine_info(test_data.source), "images": len(test), "command": command, "defaults": {},
-               "convert_s": {}}
+               "convert_s": {}, "model": name, "options": dict(options or {})}
         for L in levels:
             row = {}
             for T in [t for t in timesteps if L == 1 or t <= levels_max_t]:
                 t0 = time.time()
-                snn = convert(ann, calib, timesteps=T, levels=L, progress=False)
+                snn = convert(ann, calib, timesteps=T, levels=L, progress=False, **res["options"])
                 res["convert_s"].setdefault(f"L={L}", {})[T] = time.time() - t0
                 r = evaluate(snn, loader, T, progress=False)
                 res["ann_top1"] = r["ann_top1"]
@@ -57,6 +66,9 @@ def run(models, timesteps, levels, levels_max_t, eval_images) -> dict:
                 print(f"{name} L={L} T={T}: {row[T]['top1']:.2f} (ANN {r['ann_top1']:.2f})", file=sys.stderr,
                       flush=True)
             res["defaults"][f"L={L}"] = row
+        if options:  # the previous default's run belongs to the defaults' entry
+            out["models"][entry_name(name, options)] = res
+            continue
         t0 = time.time()
         snn = convert(ann, calib, timesteps=max(timesteps), calibration="percentile", progress=False)
         res["convert_s"]["percentile"] = time.time() - t0
@@ -73,8 +85,10 @@ def markdown(res: dict) -> str:
              "L=1).", ""]
     for name, m in res["models"].items():
         Ts = sorted({int(t) for row in m["defaults"].values() for t in row})
+        base = res["models"].get(m.get("model", name), {}) if m.get("options") else None
+        note = "" if base is None else " In brackets: the defaults' cell (above)."
         lines += [f"**{name}** (ANN {m['ann_top1']:.2f}%): `{m['command']}` on {m['date']}, {m['machine']}; "
-                  f"{m['images']} test images ({m['data']}).", "",
+                  f"{m['images']} test images ({m['data']}).{note}", "",
                   "| L | " + " | ".join(f"T={t}" for t in Ts) + " |", "|---|" + "---|" * len(Ts)]
         for L, row in m["defaults"].items():
             cells = []
@@ -84,10 +98,16 @@ def markdown(res: dict) -> str:
                     cells.append("-")
                     continue
                 text = f"{m['ann_top1'] - cell['top1']:+.2f}"
-                old = m["percentile_L1"].get(str(t)) if L == "L=1" else None
+                if base is not None:
+                    old = base.get("defaults", {}).get(L, {}).get(str(t))
+                else:
+                    old = m["percentile_L1"].get(str(t)) if L == "L=1" else None
                 cells.append(text + (f" ({m['ann_top1'] - old['top1']:+.2f})" if old else ""))
             lines.append(f"| {L[2:]} | " + " | ".join(cells) + " |")
         cs = m["convert_s"]
+        if "percentile" not in cs:
+            lines.append("")
+            continue
         t_max = max(cs["L=1"], key=int)
         lines += ["", f"Conversion (calibration) time at T={t_max}, L=1: {cs['L=1'][t_max]:.1f} s (percentile 99.5: "
                   f"{cs['percentile']:.1f} s, ratio {cs['L=1'][t_max] / cs['percentile']:.2f}).", ""]
@@ -99,7 +119,8 @@ def figure(res: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, (name, m) in enumerate(res["models"].items()):
+    defaults = {name: m for name, m in res["models"].items() if not m.get("options")}
+    for i, (name, m) in enumerate(defaults.items()):
         color = f"C{i}"
         for L, style in zip(m["defaults"], ("-", "--", ":")):
             row = {int(t): v for t, v in m["defaults"][L].items()}
@@ -110,8 +131,8 @@ def figure(res: dict):
     ax.set_xlabel("timesteps T (thresholds chosen for each T)")
     ax.set_ylabel("SNN top-1 (%)  (thin lines: ANN)")
     ax.set_title("Fashion-MNIST reference models, default options, training-free")
-    lo = min(min(v["top1"] for v in row.values()) for m in res["models"].values() for row in m["defaults"].values())
-    ax.set_ylim(max(lo - 2, 0), max(m["ann_top1"] for m in res["models"].values()) + 1.5)
+    lo = min(min(v["top1"] for v in row.values()) for m in defaults.values() for row in m["defaults"].values())
+    ax.set_ylim(max(lo - 2, 0), max(m["ann_top1"] for m in defaults.values()) + 1.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -138,18 +159,33 @@ def main(argv=None) -> int:
     parser.add_argument("--timesteps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--levels-max-t", type=int, default=16)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a convert() option on top of the defaults (YAML value), e.g. centre_values=true")
     parser.add_argument("--benchmarks-md", type=Path, default=Path("BENCHMARKS.md"))
     args = parser.parse_args(argv)
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or key not in DEFAULTS:
+            parser.error(f"--option {item!r}: give KEY=VALUE with KEY one of convert()'s options ({', '.join(DEFAULTS)})")
+        options[key] = yaml.safe_load(value)
+    try:
+        check_options(options)
+    except ValueError as exc:
+        parser.error(str(exc))
     torch.manual_seed(0)
-    res = run(args.models, sorted(args.timesteps), args.levels, args.levels_max_t, args.eval_images)
+    res = run(args.models, sorted(args.timesteps), args.levels, args.levels_max_t, args.eval_images, options)
     RESULTS.mkdir(parents=True, exist_ok=True)
     res = json.loads(json.dumps(res))  # the table and plot read what the JSON file holds (string keys)
     saved = RESULTS / "generalization.json"
     if saved.is_file():  # models measured by earlier runs stay (each with its own command and image count)
         res["models"] = {**json.loads(saved.read_text())["models"], **res["models"]}
-        res["models"] = {n: res["models"][n] for n in FMNIST_MODELS if n in res["models"]}
+        order = {n: i for i, n in enumerate(FMNIST_MODELS)}  # by model, each model's defaults first
+        res["models"] = dict(sorted(res["models"].items(),
+                                    key=lambda kv: (order[kv[1].get("model", kv[0])], bool(kv[1].get("options")))))
     saved.write_text(json.dumps(res, indent=1))
-    (RESULTS / "generalization.png").write_bytes(png_bytes(figure(res)))
+    if any(not m.get("options") for m in res["models"].values()):  # the plot shows the defaults
+        (RESULTS / "generalization.png").write_bytes(png_bytes(figure(res)))
     write_section(args.benchmarks_md, markdown(res))
     print(markdown(res))
     return 0

@@ -20,6 +20,8 @@ Per image, summed over T steps:
   events_b x rows(A) SOPs, with the events of the levels a(t), b(t) whatever the coding
   (the increments need the current levels); the rescaling of the previous product (one
   per output element per step) stays analog. psa counts the events left after its masks.
+- value centring (models.attention.ValueCentring): the attention map's row sums and the keys' mean
+  value are additions, one SOP per non-zero element; their outer product is dense MACs.
 - step-by-step products (ssa, a2os2a): each event of a spike operand adds one row/column
   of the other, events_a x columns(B) (or events_b x rows(A), whichever operand is spikes
   and sparser); two real operands are dense MACs.
@@ -36,7 +38,7 @@ from torch import nn
 
 from calibration.statistics import analog_mode, iter_images
 from convert.network import SpikingModel, check_images, check_timesteps
-from models.attention import ChannelAffine
+from models.attention import ChannelAffine, ValueCentring
 from models.ecm import ExpectationCompensation, SpikeProduct
 from models.neurons import BaseNeuron
 from models.normalization import ConstantNorm
@@ -99,6 +101,8 @@ class _Counter:
                 self._hook(m, self._analog_layer(names[m]))
             elif isinstance(m, (ExpectationCompensation, ChannelAffine, ConstantNorm)):
                 self._hook(m, self._nonlinear(names[m], spiking_cost=not isinstance(m, ConstantNorm)))
+            elif isinstance(m, ValueCentring):
+                self._hook(m, self._centring(names[m]))
             if isinstance(m, BaseNeuron):
                 self._hook(m, self._neuron(names[m], m))
             if hasattr(m, "products"):
@@ -165,6 +169,15 @@ class _Counter:
             elif spiking_cost:
                 rec["macs"] += n
                 rec["strict_macs"] += n
+        return hook
+
+    def _centring(self, name):
+        """Row sums of the map and the keys' mean value: one addition per non-zero element, whatever its value."""
+        def hook(module, inputs, output):
+            if not self.analog:
+                adds = float(sum(int(x.count_nonzero()) for x in inputs[:2]))
+                self.ops[name]["sops"] += adds
+                self.ops[name]["strict_sops"] += adds
         return hook
 
     def _neuron(self, name, neuron):

@@ -170,6 +170,8 @@ def keys() -> List[Key]:
         Key("attention.mask_schedule", "choice", "psa: random (Bernoulli at every step, EST) or even (each element "
             "dropped at an evenly spaced share mask_p of the steps)", choices=c["mask_schedule"],
             api="mask_schedule"),
+        Key("attention.centre_values", "bool", "ecm, psa: A V as A (V - mean V) + mean V, so the attention map's "
+            "rounding loses no mass", api="centre_values"),
         Key("attention.residual", "choice", "residual style", choices=c["residual"], api="residual"),
         Key("attention.norm", "choice", "ecm: LayerNorm / RMSNorm in expectation; constant: calibrated constant "
             "statistics (a per-channel affine map, no per-token reduction)", choices=c["norm"], api="norm"),
@@ -264,6 +266,9 @@ def check_combination(o: Dict[str, Any]) -> None:
         if o[key] != default and o["attention"] != "psa":
             raise ValueError(f"attention.{key}={o[key]} applies to attention=psa only (attention is "
                              f"{o['attention']!r})")
+    if o["centre_values"] and o["attention"] not in ("ecm", "psa"):
+        raise ValueError(f"attention.centre_values=true applies to attention=ecm or psa, whose attention map is a "
+                         f"softmax (attention is {o['attention']!r}): set it to false")
     if o["mask_p"] > 0 and o["attention"] != "psa":
         raise ValueError(f"attention.mask_p={o['mask_p']} applies to attention=psa only (attention is "
                          f"{o['attention']!r})")

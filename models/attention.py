@@ -11,6 +11,10 @@ The variants differ in ``attend``:
             masked operand's product by 1 - p (folded into the softmax scale for Q K^T and into the
             product's own rescaling for A V: the spikes stay in the alphabet), so the masked products are
             unbiased
+    centring (ecm and psa, ``centre_values``): A V = c + A (V - c) for any row-stochastic A and any row c;
+            with the spiking map A' the output is A' s_v + (1 - A' 1) c, c = the mean of s_v over the keys
+            (ValueCentring): the mass A' lost to rounding (or gained) goes to the mean value instead of to
+            0; nothing changes in analog mode, where A' 1 = 1
     ssa     Spikformer: Q, K, V = IF(q), IF(k), IF(v) in {0, 1};  out = 0.125 * Q K^T V at every step,
             no softmax, then the calibrated output map (ChannelAffine); the neuron in front of the next
             Linear is the configured one (signed: the map's output can be negative)
@@ -122,6 +126,23 @@ def causal_mask(n_q: int, n_k: int, like: torch.Tensor) -> torch.Tensor:
     return additive_mask(keep, like)
 
 
+class ValueCentring(nn.Module):
+    """(1 - g A 1) mean_k(V) for an attention map stream A (scaled by ``gain`` g) and a value stream V, in
+    expectation: one SpikeProduct of the row deficit [.., N, 1] and the keys' mean value [.., 1, d].
+
+    Added to g A V it gives g A (V - c) + c, c = mean_k(V): A V itself where A's rows sum to 1. The reductions
+    are additions of the spikes (one per non-zero element); the outer product is N d MACs per head and step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.product = SpikeProduct()
+
+    def forward(self, attn: torch.Tensor, v: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        row_sums = attn.sum(-1, keepdim=True)
+        deficit = 1.0 - (row_sums * gain if gain != 1.0 else row_sums)
+        return self.product(deficit, v.mean(-2, keepdim=True))
+
+
 class SpikingSDPA(nn.Module):
     """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)`` on
     spike streams, in one of the variants above."""
@@ -129,7 +150,7 @@ class SpikingSDPA(nn.Module):
     def __init__(self, variant: str, make_neuron: Callable[[bool], BaseNeuron], fixed_tokens: bool = True,
                  mask_p: float = 0.0, seed: int = 0, constant: Tuple[bool, bool, bool] = (False, False, False),
                  mask_rescale: bool = False, mask_operands: Tuple[str, ...] = MASK_OPERANDS,
-                 mask_schedule: str = "random") -> None:
+                 mask_schedule: str = "random", centre_values: bool = False) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown attention {variant!r}: use one of {', '.join(VARIANTS)}")
@@ -147,6 +168,7 @@ class SpikingSDPA(nn.Module):
             self.q_mask, self.k_mask, self.attn_mask = (SpikeMask(mask_p, seed + i, mask_schedule) if m else
                                                         nn.Identity() for i, m in enumerate(masked))
             self.mask_gain = 1.0 / (1.0 - mask_p) if mask_rescale else 1.0  # per operand a mask is applied to
+            self.centring = ValueCentring() if centre_values else None
         elif variant == "ssa":
             self.q_neuron, self.k_neuron, self.v_neuron = IFNeuron(1), IFNeuron(1), IFNeuron(1)
             self.qk, self.av = StepProduct(), StepProduct()
@@ -192,7 +214,10 @@ class SpikingSDPA(nn.Module):
             attn = attn + mask
         attn = self.attn_mask(self.attn_neuron(self.softmax(attn)))
         out = self.av(attn, v)
-        return out * gains[2] if gains[2] != 1.0 else out
+        out = out * gains[2] if gains[2] != 1.0 else out
+        if self.centring is None or self.attn_neuron.analog:  # analog: the rows sum to 1, nothing to centre
+            return out
+        return out + self.centring(attn, v, gains[2])
 
     def softmax_free_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """ssa: 0.125 Q K^T V with binary Q, K, V; a2os2a: Q ReLU(k)^T V with binary Q, ternary V; every step;
@@ -215,8 +240,9 @@ class SpikingSDPA(nn.Module):
             soft = [(self.soft_qk, None, None, True), (self.soft_av, None, None, False)]  # analog mode, blend
             a = self.k_neuron if self.variant == "ssa" else None
             return [(self.qk, self.q_neuron, a, True), (self.av, None, self.v_neuron, False)] + soft
+        centring = [] if self.centring is None else [(self.centring.product, None, None, False)]
         return [(self.qk, spiking(self.q_neuron), spiking(self.k_neuron), True),
-                (self.av, self.attn_neuron, spiking(self.v_neuron), False)]
+                (self.av, self.attn_neuron, spiking(self.v_neuron), False)] + centring
 
     def extra_repr(self) -> str:
         return f"variant={self.variant}"

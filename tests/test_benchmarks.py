@@ -206,3 +206,28 @@ def test_benchmark_command_line_writes_results_section_and_plot(tmp_path, monkey
     value = "7" if render else "3"
     assert measured == ([] if render else [1]) and (out / "toy.png").read_text() == value
     assert f"{value} python -m benchmarks.toy" in md.read_text() and json.loads((out / "toy.json").read_text())
+
+
+def test_generalization_measures_options_beside_the_defaults(tmp_path, monkeypatch, capsys):
+    import json
+    from benchmarks import generalization as gen
+    monkeypatch.setattr(gen, "RESULTS", tmp_path)
+    monkeypatch.setattr(gen, "calibration_images", lambda real=gen.calibration_images: real(64))
+    md = tmp_path / "BENCHMARKS.md"
+    common = ["--models", "vit_fmnist", "--eval-images", "16", "--timesteps", "2", "--levels", "1",
+              "--benchmarks-md", str(md)]
+    assert gen.main(common + ["--option", "centre_values=true"]) == 0
+    assert gen.main(common) == 0  # the defaults' run keeps the options' entry, and comes first
+    res = json.loads((tmp_path / "generalization.json").read_text())
+    assert list(res["models"]) == ["vit_fmnist", "vit_fmnist with centre_values=True"]
+    with_options = res["models"]["vit_fmnist with centre_values=True"]
+    assert with_options["options"] == {"centre_values": True} and "percentile_L1" not in with_options
+    default_cell = res["models"]["vit_fmnist"]["defaults"]["L=1"]["2"]["top1"]
+    ann = res["models"]["vit_fmnist"]["ann_top1"]
+    text = md.read_text()
+    assert "**vit_fmnist with centre_values=True**" in text and "In brackets: the defaults' cell" in text
+    assert f"({ann - default_cell:+.2f})" in text.split("with centre_values=True**")[1]
+    for bad in ("centre_values=maybe", "centring=true", "centre_values"):
+        with pytest.raises(SystemExit):
+            gen.main(common + ["--option", bad])
+        assert "centre_values" in capsys.readouterr().err

@@ -22,7 +22,8 @@ VARIANT_CONFIGS = ["cls_token", "avg_pool_no_cls", "qk_norm", "register_tokens",
 VARIANTS = [dict(attention="ssa"), dict(attention="a2os2a"), dict(attention="psa", mask_p=0.5),
             dict(attention="psa", mask_p=0.25, mask_operands="q+k", mask_schedule="even", mask_rescale=True),
             dict(residual="spike_driven"), dict(attention="ssa", residual="spike_driven"),
-            dict(attention="ssa", norm="constant"), dict(residual="spike_driven", norm="constant")]
+            dict(attention="ssa", norm="constant"), dict(residual="spike_driven", norm="constant"),
+            dict(centre_values=True)]
 ids = lambda o: "-".join(map(str, o.values()))  # noqa: E731
 
 
@@ -407,6 +408,53 @@ def test_feature_distillation_brings_the_blocks_toward_the_ann(options, config):
     assert after[100.0] < 0.9 * min(before, after[0.0]), (before, after)
 
 
+# ---- value centring ------------------------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(steps=st.integers(1, 6), n=st.integers(1, 7), d=st.integers(1, 5), gain=st.sampled_from([1.0, 4 / 3, 2.0]),
+       shift=st.floats(-5, 5), seed=st.integers(0, 2 ** 16), step_mode=st.sampled_from("sm"))
+def test_centred_attention_moves_with_a_constant_added_to_the_values(steps, n, d, gain, shift, seed, step_mode):
+    """A V + c = A (V + c) for a row-stochastic A: with the centring, g A' V + (1 - g A' 1) mean(V) moves by
+    exactly c at every step for any map stream A' (not row-stochastic: a spiking map) and gain g, where g A' V
+    alone moves by g A' 1 c."""
+    gen = torch.Generator().manual_seed(seed)
+    attn = torch.randint(0, 3, (steps, 2, n, n), generator=gen).float() * 0.25  # a spiking map, rows sum to anything
+    v = torch.randn(steps, 2, n, d, generator=gen)
+
+    def outputs(values):
+        core = SpikingSDPA("ecm", lambda signed: BaseNeuron(), centre_values=True)
+        for m in (core.av, core.centring.product):
+            m.step_mode, m.timesteps = step_mode, steps
+        if step_mode == "m":
+            a, b = attn.flatten(0, 1), values.flatten(0, 1)
+            return (core.av(a, b) * gain + core.centring(a, b, gain)).reshape(steps, 2, n, d)
+        return torch.stack([core.av(attn[t], values[t]) * gain + core.centring(attn[t], values[t], gain)
+                            for t in range(steps)])
+
+    moved = outputs(v + shift) - outputs(v)
+    torch.testing.assert_close(moved, torch.full_like(moved, shift), atol=1e-4, rtol=1e-4)
+
+
+def test_centring_counts_its_additions_and_its_outer_product():
+    """Energy: the map's row sums and the keys' mean value are one addition per non-zero element; the outer
+    product of the deficit [N, 1] and the mean [1, d] is N d MACs per head and step (hand count)."""
+    x = _images(4)
+    T = 3
+    snn = convert(build("cls_token"), x, timesteps=T, centre_values=True, progress=False)
+    core = snn.net.blocks[0].attn.attend
+    seen = []
+    hook = core.centring.register_forward_hook(lambda m, i, o: seen.append((int(i[0].count_nonzero())
+                                                                            + int(i[1].count_nonzero()), o.numel())))
+    layers = energy_report(snn, x[:2], timesteps=T)["layers"]
+    hook.remove()
+    assert len(seen) == T
+    adds, macs = sum(a for a, _ in seen) / 2, sum(n for _, n in seen) / 2
+    assert layers["blocks.0.attn.attend.centring"]["sops"] == pytest.approx(adds) and adds > 0
+    assert layers["blocks.0.attn.attend.centring"]["strict_sops"] == pytest.approx(adds)
+    product = layers["blocks.0.attn.attend.centring.product"]
+    assert product["macs"] == product["strict_macs"] == pytest.approx(macs) and "ann_macs" not in product
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("options, message", [
@@ -421,6 +469,7 @@ def test_feature_distillation_brings_the_blocks_toward_the_ann(options, config):
     (dict(mask_schedule="even"), "attention.mask_schedule=even applies to attention=psa only"),
     (dict(attention="psa", mask_p=0.2, mask_operands="v"), "unknown attention.mask_operands 'v': use one of q"),
     (dict(attention="psa", mask_p=0.2, mask_schedule="sobol"), "unknown attention.mask_schedule 'sobol'"),
+    (dict(attention="ssa", centre_values=True), "attention.centre_values=true applies to attention=ecm or psa"),
     (dict(attention="a2os2a", levels=4), "attention=a2os2a uses binary Q and ternary V"),
     (dict(attention="ssa", neuron="multi_threshold", levels=1), "attention=ssa uses binary Q, K, V"),
     (dict(residual="spike_driven", levels=2), "residual=spike_driven uses binary inputs"),
