@@ -82,7 +82,7 @@ def markdown(res: dict) -> str:
     lines = ["Default options only (signed IF, MSE-optimal per-channel and per-token thresholds for the run's T "
              "and L, training-free, 512 calibration images from the training split); one conversion per T, accuracy "
              "at step T. Each cell: ANN minus SNN top-1 (pt); in brackets the previous default (percentile 99.5, "
-             "L=1).", ""]
+             "L=1). An entry \"with KEY=VALUE\" adds that convert() option to the defaults (`--option`).", ""]
     for name, m in res["models"].items():
         Ts = sorted({int(t) for row in m["defaults"].values() for t in row})
         base = res["models"].get(m.get("model", name), {}) if m.get("options") else None
