@@ -167,7 +167,8 @@ def main(argv=None) -> int:
     for item in args.option:
         key, sep, value = item.partition("=")
         if not sep or key not in DEFAULTS:
-            parser.error(f"--option {item!r}: give KEY=VALUE with KEY one of convert()'s options ({', '.join(DEFAULTS)})")
+            parser.error(f"--option {item!r}: give KEY=VALUE with KEY one of convert()'s options "
+                         f"({', '.join(DEFAULTS)})")
         options[key] = yaml.safe_load(value)
     try:
         check_options(options)
