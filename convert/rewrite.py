@@ -272,9 +272,9 @@ class Rewriter:
     ``make_neuron(signed)``: the neuron in front of a Linear input or a product operand; ``attention``:
     ecm, psa (with ``mask_p``, ``mask_rescale``, ``mask_operands``, ``mask_schedule``: models.attention), ssa or
     a2os2a; ``centre_values``: ecm and psa add the value centring (models.attention.ValueCentring);
-    ``spike_driven``: every Linear input is a binary IF neuron (Spikingformer); ``norm``: ecm (LayerNorm / RMSNorm in expectation) or constant (``ConstantNorm``, calibrated
-    constant statistics); ``fixed_tokens``: the token count is the same for every input (per-key thresholds
-    on attention maps are then meaningful)."""
+    ``spike_driven``: every Linear input is a binary IF neuron (Spikingformer); ``norm``: ecm (LayerNorm /
+    RMSNorm in expectation) or constant (``ConstantNorm``, calibrated constant statistics); ``fixed_tokens``:
+    the token count is the same for every input (per-key thresholds on attention maps are then meaningful)."""
 
     def __init__(self, make_neuron: Callable[[bool], BaseNeuron], attention: str = "ecm", mask_p: float = 0.0,
                  spike_driven: bool = False, fixed_tokens: bool = True,
