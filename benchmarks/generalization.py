@@ -27,6 +27,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Subset
 
+from benchmarks import outputs
 from benchmarks.core import calibration_images, command_line, machine_info
 from convert import convert
 from convert.api import DEFAULTS, check_options
@@ -140,15 +141,7 @@ def figure(res: dict):
 
 
 def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    section = f"{START}\n## Do the defaults generalise? Models x T x alphabet\n\n{body}\n{END}"
-    if START in text:
-        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    outputs.write_section(path, f"{START}\n## Do the defaults generalise? Models x T x alphabet\n\n{body}\n{END}\n")
 
 
 def main(argv=None) -> int:

@@ -68,7 +68,9 @@ def write_section(md_path: Path, section: str) -> None:
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end) + "\n?", lambda _: section, text, flags=re.S)
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    md_path.write_text(text)
+    tmp = md_path.with_name(md_path.name + ".tmp")  # a whole file or the old one, never half of it
+    tmp.write_text(text)
+    tmp.replace(md_path)
 
 
 def benchmark_main(name: str, doc: str, run_full, run_quick, markdown, add_arguments=None, variant=None,
