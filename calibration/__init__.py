@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from calibration.corrections import bias_correction, constant_norms, firing_rates, output_affine
+from calibration.offsets import input_offsets
 from calibration.statistics import RunningHistogram, analog_mode, collect_statistics, iter_images
 from calibration.thresholds import METHODS, choose_thresholds, expected_error
 from models.distributed import shard, world_size
@@ -29,8 +30,9 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "mse", percentile: f
     neuron whose input runs along the token axis gets thresholds of shape [P + 1, ...], one row per prefix
     token and one for the other tokens (prefix tokens carry activations far above the patches'); a prefix
     row is never below the other tokens' row.
-    Returns a per-layer report: threshold, clipped share, expected error, firing rate on the
-    first calibration batch, and the bias shift of the correction."""
+    An unsigned neuron in front of a Linear layer whose input goes negative gets an input offset first
+    (calibration.offsets). Returns a per-layer report: threshold, clipped share, expected error, firing rate
+    on the first calibration batch, the input offset, and the bias shift of the correction."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
     if method == "percentile" and not 0.0 < percentile <= 100.0:
@@ -43,7 +45,10 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "mse", percentile: f
         warnings.warn(f"only {seen} calibration images available (asked for {num_images}); calibrating on {seen}",
                       stacklevel=3)
     mine = _rank_shard(batches)
-    norms = constant_norms(net, mine, prefix_tokens, tokens, progress)  # norm=constant: before the thresholds
+    # offsets first (on the ANN's activations: norms not yet fitted compute the norm they replace), then the
+    # constant norms (fitted to their input with the offsets in place), then the thresholds (for x + o)
+    offsets = input_offsets(net, mine, timesteps, progress)
+    norms = constant_norms(net, mine, prefix_tokens, tokens, progress)
     hists = collect_statistics(net, mine, per_channel=per_channel, progress=progress, prefix_tokens=prefix_tokens,
                                tokens=tokens)
     report = {}
@@ -61,6 +66,7 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "mse", percentile: f
         theta = parts[0] if len(parts) == 1 else torch.stack([p.reshape(-1) for p in parts])
         module.threshold = nn.Parameter(theta.to(module.threshold.device), requires_grad=False)
         report[name] = {
+            **offsets.get(name, {}),
             "threshold": theta.tolist(),
             "max_input": max(float(h.maximum(module.signed).max()) for h in hists[name]),
             "clipped": _mean([float(h.fraction_above(p.double().reshape(-1) * module.max_level, module.signed).mean())

@@ -185,11 +185,12 @@ def token_groups(x: torch.Tensor, prefix_tokens: int, tokens: Optional[int]) -> 
 
 def collect_statistics(net: nn.Module, batches: Iterable[torch.Tensor], bins: int = 2048, per_channel: bool = False,
                        progress: bool = True, prefix_tokens: int = 0,
-                       tokens: Optional[int] = None) -> Dict[str, List[RunningHistogram]]:
-    """Run ``net`` in analog mode over image batches; histograms of the input of each neuron: one, or (with
-    ``prefix_tokens`` P > 0, for inputs along the model's ``tokens`` axis) one per prefix token and one for
-    the other tokens."""
-    names = {m: name for name, m in net.named_modules() if isinstance(m, BaseNeuron)}
+                       tokens: Optional[int] = None,
+                       only: Optional[List[BaseNeuron]] = None) -> Dict[str, List[RunningHistogram]]:
+    """Run ``net`` in analog mode over image batches; histograms of the input of each neuron (or of the
+    neurons in ``only``): one, or (with ``prefix_tokens`` P > 0, for inputs along the model's ``tokens`` axis)
+    one per prefix token and one for the other tokens."""
+    names = {m: name for name, m in net.named_modules() if isinstance(m, BaseNeuron) and (only is None or m in only)}
     hists: Dict[str, List[RunningHistogram]] = {}
 
     def hook(module, inputs):

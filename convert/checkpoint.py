@@ -109,12 +109,12 @@ def read_metadata(path: Path) -> dict:
     return config
 
 
-CALIBRATED = ("threshold", "bias_shift", "out_gain", "out_shift", "norm_gain", "norm_shift")  # set by calibration
+CALIBRATED = ("threshold", "bias_shift", "input_offset", "out_gain", "out_shift", "norm_gain", "norm_shift")  # set by calibration
 
 
 def _fit_parameters(net: nn.Module, state: dict) -> None:
-    """Give thresholds, bias shifts, output affine maps and constant norms the shapes the checkpoint holds
-    (per-channel, corrections, softmax-free attention, norm=constant)."""
+    """Give thresholds, bias shifts, input offsets, output affine maps and constant norms the shapes the
+    checkpoint holds (per-channel, corrections, offsets, softmax-free attention, norm=constant)."""
     for key, value in state.items():
         module_path, attr = key.rpartition(".")[::2]
         if attr not in CALIBRATED:

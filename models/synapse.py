@@ -3,7 +3,10 @@
 ``SpikingSynapse``: a Linear/Conv layer (a module, or ``F.linear`` / ``F.conv2d`` with the
 weights passed as arguments) fed through a neuron, y(t) = W s(t) + b (+ c), s = neuron(x).
 ``bias_shift`` c is the calibration's bias correction: it applies to the spiking network only,
-so analog mode (neurons as identity) still computes the ANN exactly.
+so analog mode (neurons as identity) still computes the ANN exactly. ``input_offset`` o (calibration.offsets):
+an unsigned neuron in front of a Linear layer represents x + o, and the layer subtracts W o,
+y(t) = W s(t) + b - W o with s = neuron(x + o): the spikes stay in the neuron's alphabet (binary for
+residual=spike_driven) while inputs down to -o are kept instead of clipped at 0.
 
 ``SpikingProduct``: a product of two activation streams (Q K^T, A V, a SwiGLU gate) with a
 neuron on each operand, computed in expectation (``SpikeProduct``) or step by step.
@@ -26,7 +29,8 @@ def dense_macs(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class SpikingSynapse(nn.Module):
-    """``layer(neuron(x), *args) + bias_shift``: every input the layer sees is in the neuron's spike alphabet."""
+    """``layer(neuron(x + o), *args) - W o + bias_shift``: every input the layer sees is in the neuron's spike
+    alphabet (o: ``input_offset``, None for none)."""
 
     def __init__(self, neuron: BaseNeuron, layer: Union[nn.Module, Callable]) -> None:
         super().__init__()
@@ -34,16 +38,29 @@ class SpikingSynapse(nn.Module):
         self.layer = layer
         self.bias_shift: Optional[torch.Tensor]
         self.register_buffer("bias_shift", None)
+        self.input_offset: Optional[torch.Tensor]
+        self.register_buffer("input_offset", None)
+
+    @property
+    def linear(self) -> bool:
+        """Whether the layer is a Linear map of the last axis (``nn.Linear`` or ``F.linear``)."""
+        return isinstance(self.layer, nn.Linear) or self.layer is torch.nn.functional.linear
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.layer(self.neuron(x), *args, **kwargs)
+        o = self.input_offset
+        if o is None:
+            y = self.layer(self.neuron(x), *args, **kwargs)
+        else:
+            weight = self.layer_weight(args, kwargs)
+            y = self.layer(self.neuron(x + o), *args, **kwargs) - \
+                torch.nn.functional.linear(o.expand(weight.shape[-1]), weight)
         if self.bias_shift is not None and not self.neuron.analog:
             y = y + (self.bias_shift.reshape(-1, *([1] * (y.dim() - 2))) if self.channel_first(y) else self.bias_shift)
         return y
 
     def channel_first(self, y: torch.Tensor) -> bool:
         """Outputs of convolutions keep channels on axis 1; Linear outputs keep them last."""
-        return not isinstance(self.layer, nn.Linear) and self.layer is not torch.nn.functional.linear and y.dim() > 2
+        return not self.linear and y.dim() > 2
 
     def layer_weight(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The weight of the layer: its own, or (``F.linear`` / ``F.conv2d``) the argument after the input."""

@@ -243,3 +243,77 @@ def test_a_reparameterised_outlier_channel_converges_like_the_original(where):
         errs[label] = _rel_err(snn.simulate(x), ref)[-1]
     assert errs["outlier"] < 1.3 * errs["original"] + 0.02, errs
     assert errs["outlier per layer"] > 1.5 * errs["outlier"], errs
+
+
+# ---- input offsets: unsigned neurons in front of Linear layers (calibration.offsets) ------------------------
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 1000), c_in=st.integers(1, 6), c_out=st.integers(1, 5), scalar=st.booleans())
+def test_an_offset_moves_the_clip_of_an_unsigned_input_to_minus_the_offset(seed, c_in, c_out, scalar):
+    """In analog mode an unsigned neuron passes max(x, 0); with offset o the synapse computes
+    W (max(x + o, 0) - o) + b = W max(x, -o) + b, through nn.Linear or F.linear."""
+    from models.neurons import IFNeuron
+    from models.synapse import SpikingSynapse
+    g = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(c_in, c_out)
+    x = 3 * torch.randn(4, 7, c_in, generator=g)
+    o = torch.rand((), generator=g) * 2 if scalar else torch.rand(c_in, generator=g) * 2
+    expected = layer(torch.maximum(x, -o))
+    for syn, args in ((SpikingSynapse(IFNeuron(1), layer), ()),
+                      (SpikingSynapse(IFNeuron(1), torch.nn.functional.linear), (layer.weight, layer.bias))):
+        syn.input_offset = o
+        syn.neuron.analog = True
+        with torch.no_grad():
+            torch.testing.assert_close(syn(x, *args), expected)
+
+
+def _offset_net(shift: float):
+    """One Linear fed by a binary neuron, its input x * (1, 2, 0.5) + shift."""
+    from models.neurons import IFNeuron
+    from models.synapse import SpikingSynapse
+
+    class Shifted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = SpikingSynapse(IFNeuron(1), torch.nn.Linear(3, 2))
+
+        def forward(self, x):
+            return self.fc(x * torch.tensor([1.0, 2.0, 0.5]) + shift)
+    return Shifted()
+
+
+@pytest.mark.parametrize("T", [2, 8, 32])
+def test_input_offsets_follow_the_negative_side_and_never_pass_the_data(T):
+    from calibration import calibrate
+    # standard normal channels, the last one (like a GELU output) never below -0.2
+    data = [torch.randn(500, 3, generator=torch.Generator().manual_seed(i)).clamp(min=torch.tensor([-9, -9, -0.2]))
+            for i in range(2)]
+    net = _offset_net(0.0)
+    report = calibrate(net, data, timesteps=T, per_channel=True, progress=False)
+    o = net.fc.input_offset
+    most_negative = -torch.cat(data).mul(torch.tensor([1.0, 2.0, 0.5])).min(0).values
+    assert o is not None and (o > 0).all() and (o <= most_negative + 1e-6).all()
+    assert o[1] > o[0] > 0.5 > o[2]  # a wider negative side keeps more; the last one keeps all of its 0.1
+    assert report["fc.neuron"]["input_offset"] == o.tolist()
+    # the thresholds are chosen for x + o: the range covers more than the positive side alone
+    assert (net.fc.neuron.threshold > o).all()
+    nonnegative = _offset_net(10.0)  # inputs never below 0: nothing to offset
+    calibrate(nonnegative, data, timesteps=T, per_channel=True, progress=False)
+    assert nonnegative.fc.input_offset is None
+
+
+def test_input_offsets_are_measured_on_the_anns_activations():
+    """A second offset neuron sees the ANN's activations during the offset pass, not the first one's clipped
+    output: its offset is the one it gets when fed those activations directly."""
+    from calibration import calibrate
+    from models.neurons import IFNeuron
+    from models.synapse import SpikingSynapse
+    torch.manual_seed(0)
+    two = torch.nn.Sequential(SpikingSynapse(IFNeuron(1), torch.nn.Linear(3, 4)),
+                              SpikingSynapse(IFNeuron(1), torch.nn.Linear(4, 2)))
+    data = [torch.randn(400, 3, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    calibrate(two, data, timesteps=4, per_channel=True, progress=False)
+    one = torch.nn.Sequential(SpikingSynapse(IFNeuron(1), two[1].layer))
+    with torch.no_grad():
+        calibrate(one, [two[0].layer(x) for x in data], timesteps=4, per_channel=True, progress=False)
+    assert two[1].input_offset is not None and torch.equal(two[1].input_offset, one[0].input_offset)

@@ -233,6 +233,21 @@ def assert_spike_driven_inputs_binary(snn):
         torch.testing.assert_close(k, torch.round(k))
 
 
+@pytest.mark.parametrize("config", VARIANT_CONFIGS)
+def test_spike_driven_converges_to_the_ann_as_t_grows(config):
+    """Binary Linear inputs with calibrated offsets keep the negative side of LayerNorm outputs: the error
+    falls as T grows (clipped at 0, it stays near the size of the output)."""
+    x = _images(8)
+    ann = build(config)
+    with torch.no_grad():
+        ref = ann(x)
+    errors = []
+    for T in (8, 32, 128):
+        out = convert(ann, x, timesteps=T, residual="spike_driven", progress=False).simulate(x)[-1]
+        errors.append(float((out - ref).norm() / ref.norm()))
+    assert errors[1] < 0.6 * errors[0] and errors[2] < 0.6 * errors[1] and errors[2] < 0.1, errors
+
+
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 @pytest.mark.parametrize("config", VARIANT_CONFIGS)
 def test_spike_driven_every_linear_input_is_binary(config, step_mode):
