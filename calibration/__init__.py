@@ -22,17 +22,17 @@ CORRECTIONS = ("none", "bias")
 
 def calibrate(net: nn.Module, data: Iterable, method: str = "mse", percentile: float = 99.99,
               timesteps: int = 16, num_images: Optional[int] = None, per_channel: bool = False,
-              correction: str = "none", step_mode: str = "s", progress: bool = True, prefix_tokens: int = 0,
-              tokens: Optional[int] = None) -> Dict[str, dict]:
+              correction: str = "none", offsets: bool = True, step_mode: str = "s", progress: bool = True,
+              prefix_tokens: int = 0, tokens: Optional[int] = None) -> Dict[str, dict]:
     """Set every neuron's threshold in ``net`` from statistics on ``data``, then apply ``correction``.
 
     ``prefix_tokens`` P (class, register, distillation tokens) and ``tokens`` (the model's token count): a
     neuron whose input runs along the token axis gets thresholds of shape [P + 1, ...], one row per prefix
     token and one for the other tokens (prefix tokens carry activations far above the patches'); a prefix
     row is never below the other tokens' row.
-    An unsigned neuron in front of a Linear layer whose input goes negative gets an input offset first
-    (calibration.offsets). Returns a per-layer report: threshold, clipped share, expected error, firing rate
-    on the first calibration batch, the input offset, and the bias shift of the correction."""
+    With ``offsets``, an unsigned neuron in front of a Linear layer whose input goes negative gets an input
+    offset first (calibration.offsets). Returns a per-layer report: threshold, clipped share, expected error,
+    firing rate on the first calibration batch, the input offset, and the bias shift of the correction."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
     if method == "percentile" and not 0.0 < percentile <= 100.0:
@@ -47,7 +47,7 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "mse", percentile: f
     mine = _rank_shard(batches)
     # offsets first (on the ANN's activations: norms not yet fitted compute the norm they replace), then the
     # constant norms (fitted to their input with the offsets in place), then the thresholds (for x + o)
-    offsets = input_offsets(net, mine, timesteps, progress)
+    offsets = input_offsets(net, mine, timesteps, progress) if offsets else {}
     norms = constant_norms(net, mine, prefix_tokens, tokens, progress)
     hists = collect_statistics(net, mine, per_channel=per_channel, progress=progress, prefix_tokens=prefix_tokens,
                                tokens=tokens)

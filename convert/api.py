@@ -26,7 +26,8 @@ NORM_STYLES = ("ecm", "constant")
 # (calibration.thresholds), checked on every reference model (python -m benchmarks.generalization, BENCHMARKS.md).
 DEFAULTS: Dict[str, Any] = dict(neuron="signed_if", levels=1, v_init=None, coding="rate", hysteresis=0.0,
                                 calibration="mse",
-                                percentile=99.5, per_channel=True, per_token=True, correction="none", num_images=None,
+                                percentile=99.5, per_channel=True, per_token=True, input_offsets=True, correction="none",
+                                num_images=None,
                                 attention="ecm",
                                 mask_p=0.0, mask_rescale=False, mask_operands="q+k+attn", mask_schedule="random",
                                 centre_values=False,
@@ -112,7 +113,8 @@ def convert(ann: nn.Module, calibration_data, timesteps: int = 16, architecture:
     snn.calibration_report = calibrate(snn.net, images, method=opts["calibration"],
                                        percentile=float(opts["percentile"]), timesteps=snn.timesteps,
                                        num_images=opts["num_images"], per_channel=opts["per_channel"],
-                                       correction=opts["correction"], step_mode=opts["step_mode"],
+                                       correction=opts["correction"], offsets=opts["input_offsets"],
+                                       step_mode=opts["step_mode"],
                                        progress=show_progress(opts["progress"]), prefix_tokens=prefix, tokens=tokens)
     return snn
 

@@ -46,6 +46,7 @@ class CalibrationConfig:
     percentile: float = MISSING
     per_channel: bool = MISSING
     per_token: bool = MISSING
+    input_offsets: bool = MISSING
     correction: str = MISSING
     num_images: int = MISSING
 
@@ -175,6 +176,7 @@ def convert_options(cfg: DictConfig) -> Dict[str, Any]:
                 coding=cfg.neuron.coding, hysteresis=cfg.neuron.hysteresis,
                 calibration=cfg.calibration.method, percentile=cfg.calibration.percentile,
                 per_channel=cfg.calibration.per_channel, per_token=cfg.calibration.per_token,
+                input_offsets=cfg.calibration.input_offsets,
                 correction=cfg.calibration.correction,
                 num_images=cfg.calibration.num_images,
                 attention=cfg.attention.name, mask_p=cfg.attention.mask_p,

@@ -158,6 +158,8 @@ def keys() -> List[Key]:
             api="percentile"),
         Key("calibration.per_channel", "bool", "one threshold per channel", api="per_channel"),
         Key("calibration.per_token", "bool", "own thresholds for class / register tokens", api="per_token"),
+        Key("calibration.input_offsets", "bool", "unsigned neurons before Linear layers (spike_driven) keep "
+            "negative inputs down to a calibrated offset", api="input_offsets"),
         Key("calibration.correction", "choice", "correction after thresholds", choices=c["correction"],
             api="correction"),
         Key("calibration.num_images", "int", "calibration images", low=1, api="num_images"),

@@ -248,6 +248,15 @@ def test_spike_driven_converges_to_the_ann_as_t_grows(config):
     assert errors[1] < 0.6 * errors[0] and errors[2] < 0.6 * errors[1] and errors[2] < 0.1, errors
 
 
+def test_spike_driven_without_input_offsets_clips_at_zero():
+    x = _images(4)
+    on = convert(build("cls_token"), x, timesteps=4, residual="spike_driven", progress=False)
+    off = convert(build("cls_token"), x, timesteps=4, residual="spike_driven", input_offsets=False, progress=False)
+    offsets = lambda snn: [m.input_offset for m in snn.net.modules() if hasattr(m, "input_offset")]  # noqa: E731
+    assert all(o is not None for o in offsets(on)) and all(o is None for o in offsets(off))
+    assert "input_offset" in on.calibration_report["blocks.0.attn.qkv.neuron"]
+
+
 @pytest.mark.parametrize("step_mode", ["s", "m"])
 @pytest.mark.parametrize("config", VARIANT_CONFIGS)
 def test_spike_driven_every_linear_input_is_binary(config, step_mode):
