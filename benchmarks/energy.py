@@ -9,7 +9,7 @@ the same weights, and the Pareto front of both accountings.
 
 For every model and every point of the grid (rate coding: signed IF L = 1, 2, 4 and the multi-threshold
 neuron, L = 16 at T = 1, 2; differential coding: signed IF L = 1, 2, 4 with hysteresis 0, 1/4, 1/2;
-residual=spike_driven's binary inputs; T = 1 .. 16), one conversion with the thresholds chosen for that T, top-1 at step T on the test images and the
+T = 1 .. 16), one conversion with the thresholds chosen for that T, top-1 at step T on the test images and the
 energy per image of ``convert.energy_report`` (standard: one SOP per event; strict: every value sent with
 |k| > 1 is a MAC) on the first ``--energy-images`` of them. Fine-tuned points (``FINETUNED``): one grid point
 fine-tuned on the training split with a recipe (conf/finetune/bptt.yaml plus its options), measured after
@@ -51,7 +51,6 @@ GRID: Dict[str, tuple] = {
     "differential, signed IF L=4": (dict(coding="differential", levels=4), (2, 4, 8)),
     "differential, signed IF L=4, s=1/4": (dict(coding="differential", levels=4, hysteresis=0.25), (2, 4, 8)),
     "differential, signed IF L=4, s=1/2": (dict(coding="differential", levels=4, hysteresis=0.5), (2, 4, 8)),
-    "rate, spike-driven (binary IF)": (dict(residual="spike_driven"), (4, 8, 16)),
 }
 QUICK = {k: (v[0], (2, 4)) for k, v in GRID.items() if k in
          ("rate, signed IF L=1", "rate, signed IF L=4", "differential, signed IF L=4",
@@ -64,7 +63,6 @@ FINETUNED: Dict[str, tuple] = {
     "event penalty 30": ("rate, signed IF L=1", 4, dict(event_penalty=30.0), 2),
     "event penalty 10": ("rate, signed IF L=1", 4, dict(event_penalty=10.0), 2),
     "lr 3e-4": ("rate, signed IF L=1", 4, dict(lr=3e-4), 2),
-    "spike-driven": ("rate, spike-driven (binary IF)", 4, {}, 2),
 }
 EPOCHS = (0.5, 1, 2)
 PEER, PEER_STEPS = "SpikingJelly STA", (1, 2, 4, 8)
