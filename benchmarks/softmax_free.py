@@ -40,7 +40,11 @@ MODEL = "vit_fmnist"
 VARIANTS = {"ssa": dict(attention="ssa"), "a2os2a": dict(attention="a2os2a"),
             "spike_driven": dict(residual="spike_driven"), "ecm (default)": {},
             "ssa, constant norm": dict(attention="ssa", norm="constant"),
-            "spike_driven, constant norm": dict(residual="spike_driven", norm="constant")}
+            "spike_driven, constant norm": dict(residual="spike_driven", norm="constant"),
+            # before calibration.input_offsets: binary inputs clipped at 0
+            "spike_driven, input_offsets=false": dict(residual="spike_driven", input_offsets=False),
+            "spike_driven, constant norm, input_offsets=false": dict(residual="spike_driven", norm="constant",
+                                                                      input_offsets=False)}
 RECIPE: dict = {}  # on top of conf/finetune/bptt.yaml (labels, lr 1e-3): no ingredient won the ablation
 POINTS = (0.25, 0.5, 1, 2, 3)
 # ingredient: (conversion options on top of the variant's, fine-tuning options)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Dict, Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Set
 
 import torch
 from torch import nn
@@ -186,7 +186,7 @@ def token_groups(x: torch.Tensor, prefix_tokens: int, tokens: Optional[int]) -> 
 def collect_statistics(net: nn.Module, batches: Iterable[torch.Tensor], bins: int = 2048, per_channel: bool = False,
                        progress: bool = True, prefix_tokens: int = 0,
                        tokens: Optional[int] = None,
-                       only: Optional[List[BaseNeuron]] = None) -> Dict[str, List[RunningHistogram]]:
+                       only: Optional[Set[BaseNeuron]] = None) -> Dict[str, List[RunningHistogram]]:
     """Run ``net`` in analog mode over image batches; histograms of the input of each neuron (or of the
     neurons in ``only``): one, or (with ``prefix_tokens`` P > 0, for inputs along the model's ``tokens`` axis)
     one per prefix token and one for the other tokens."""

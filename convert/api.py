@@ -26,8 +26,8 @@ NORM_STYLES = ("ecm", "constant")
 # (calibration.thresholds), checked on every reference model (python -m benchmarks.generalization, BENCHMARKS.md).
 DEFAULTS: Dict[str, Any] = dict(neuron="signed_if", levels=1, v_init=None, coding="rate", hysteresis=0.0,
                                 calibration="mse",
-                                percentile=99.5, per_channel=True, per_token=True, input_offsets=True, correction="none",
-                                num_images=None,
+                                percentile=99.5, per_channel=True, per_token=True, input_offsets=True,
+                                correction="none", num_images=None,
                                 attention="ecm",
                                 mask_p=0.0, mask_rescale=False, mask_operands="q+k+attn", mask_schedule="random",
                                 centre_values=False,

@@ -109,7 +109,8 @@ def read_metadata(path: Path) -> dict:
     return config
 
 
-CALIBRATED = ("threshold", "bias_shift", "input_offset", "out_gain", "out_shift", "norm_gain", "norm_shift")  # set by calibration
+# set by calibration
+CALIBRATED = ("threshold", "bias_shift", "input_offset", "out_gain", "out_shift", "norm_gain", "norm_shift")
 
 
 def _fit_parameters(net: nn.Module, state: dict) -> None:
