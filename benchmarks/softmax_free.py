@@ -153,11 +153,13 @@ def _epochs_markdown(res: dict) -> list:
              f"of them; conf/finetune/bptt.yaml, {recipe}; a name with '+' says what its run changed), measured on "
              f"its way; s: its cumulative seconds. Measured with {_commands(res, 'python -m benchmarks.softmax_free')}.", ""]
     for name, v in res["variants"].items():
-        lines += [f"### {name} (ANN {v['ann_top1']:.2f}%)", "",
-                  "| epochs | top-1 | drop vs ANN | energy | strict | analog share | s |", "|---|---|---|---|---|---|---|"]
+        lines += [f"### {name} (ANN {v['ann_top1']:.2f}%)", ""]
+        lines += [f"Rows from the {v['source']}.", ""] if "source" in v else []
+        lines += ["| epochs | top-1 | drop vs ANN | energy | strict | analog share | s |", "|---|---|---|---|---|---|---|"]
         for point, r in v["points"].items():
+            share = f"{100 * r['analog_share']:.1f}%" if "analog_share" in r else "-"  # rows from a run's log
             lines.append(f"| {point} | {r['top1']:.2f} | {v['ann_top1'] - r['top1']:.2f} | {r['energy']:.3f} | "
-                         f"{r['strict']:.3f} | {100 * r['analog_share']:.1f}% | {r['seconds']:.0f} |")
+                         f"{r['strict']:.3f} | {share} | {r['seconds']:.0f} |")
         lines.append("")
     return lines
 
