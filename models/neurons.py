@@ -181,7 +181,8 @@ class BaseNeuron(StatefulModule):
         if self.analog:
             return x if self.signed else torch.clamp(x, min=0)
         if self._theta is None:  # first step of a sequence
-            self._theta = self.theta(x)
+            theta = self.theta(x)  # a view of the threshold Parameter, which an attribute would register as one
+            self._theta = theta.view_as(theta) if isinstance(theta, nn.Parameter) else theta
         theta = self._theta
         fused = self.fused_range(x)
         if fused is not None:

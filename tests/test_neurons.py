@@ -129,3 +129,14 @@ def test_ternary_neuron_leaks_and_resets_hard():
     assert out == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
     out = run_steps(TernaryNeuron(), torch.full((4, 1), 0.3)).flatten().tolist()  # 0.3, 0.375, 0.394, ... never
     assert out == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_a_neuron_caches_no_parameter_and_runs_sequences_of_another_dtype():
+    """The threshold shaped for a sequence is a view, not the threshold Parameter registered a second time
+    (which made the next sequence in another dtype fail)."""
+    n = SignedIFNeuron()
+    n(torch.randn(4, 3))
+    assert [name for name, _ in n.named_parameters(remove_duplicate=False)] == ["threshold"]
+    n.reset()
+    out = n(torch.randn(4, 3, dtype=torch.float64))
+    assert out.dtype == torch.float64
