@@ -47,7 +47,7 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "mse", percentile: f
     mine = _rank_shard(batches)
     # offsets first (on the ANN's activations: norms not yet fitted compute the norm they replace), then the
     # constant norms (fitted to their input with the offsets in place), then the thresholds (for x + o)
-    offsets = input_offsets(net, mine, timesteps, progress) if offsets else {}
+    offset_report = input_offsets(net, mine, timesteps, progress) if offsets else {}
     norms = constant_norms(net, mine, prefix_tokens, tokens, progress)
     hists = collect_statistics(net, mine, per_channel=per_channel, progress=progress, prefix_tokens=prefix_tokens,
                                tokens=tokens)
@@ -66,7 +66,7 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "mse", percentile: f
         theta = parts[0] if len(parts) == 1 else torch.stack([p.reshape(-1) for p in parts])
         module.threshold = nn.Parameter(theta.to(module.threshold.device), requires_grad=False)
         report[name] = {
-            **offsets.get(name, {}),
+            **offset_report.get(name, {}),
             "threshold": theta.tolist(),
             "max_input": max(float(h.maximum(module.signed).max()) for h in hists[name]),
             "clipped": _mean([float(h.fraction_above(p.double().reshape(-1) * module.max_level, module.signed).mean())

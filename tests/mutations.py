@@ -95,7 +95,7 @@ MUTATIONS: List[Mutation] = [
              "offset = torch.minimum(signed_range, hist.max_neg).to(torch.float32)",
              "offset = signed_range.to(torch.float32)", ("tests/test_calibration.py::-k offsets_follow",)),
     Mutation("spike-driven-without-offsets", "calibration/__init__.py",
-             "offsets = input_offsets(net, mine, timesteps, progress) if offsets else {}", "offsets = {}",
+             "offset_report = input_offsets(net, mine, timesteps, progress) if offsets else {}", "offset_report = {}",
              ("tests/test_variants.py::-k converges_to_the_ann_as_t_grows",)),
     Mutation("centring-ignores-the-mask-gain", "models/attention.py",
              "deficit = 1.0 - (row_sums * gain if gain != 1.0 else row_sums)", "deficit = 1.0 - row_sums",
