@@ -18,6 +18,9 @@ __all__ = ["calibrate", "collect_statistics", "choose_thresholds", "expected_err
            "analog_mode", "bias_correction", "firing_rates", "RunningHistogram", "METHODS", "CORRECTIONS"]
 
 CORRECTIONS = ("none", "bias")
+# The report's firing rates simulate T steps: on this many images (each layer's rate is still a mean over
+# hundreds of thousands of neuron-steps), since at large T a whole batch cost more than the calibration
+FIRING_RATE_IMAGES = 16
 
 
 def calibrate(net: nn.Module, data: Iterable, method: str = "mse", percentile: float = 99.99,
@@ -32,7 +35,8 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "mse", percentile: f
     row is never below the other tokens' row.
     With ``offsets``, an unsigned neuron in front of a Linear layer whose input goes negative gets an input
     offset first (calibration.offsets). Returns a per-layer report: threshold, clipped share, expected error,
-    firing rate on the first calibration batch, the input offset, and the bias shift of the correction."""
+    firing rate on the first FIRING_RATE_IMAGES calibration images, the input offset, and the bias shift of
+    the correction."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}: use one of {', '.join(METHODS)}")
     if method == "percentile" and not 0.0 < percentile <= 100.0:
@@ -80,7 +84,7 @@ def calibrate(net: nn.Module, data: Iterable, method: str = "mse", percentile: f
     if correction == "bias":
         for name, shift in bias_correction(net, mine, timesteps, step_mode, progress).items():
             report[f"{name}.neuron"]["bias_shift"] = shift
-    for name, rate in firing_rates(net, batches[:1], timesteps, step_mode).items():
+    for name, rate in firing_rates(net, [batches[0][:FIRING_RATE_IMAGES]], timesteps, step_mode).items():
         report[name]["firing_rate"] = rate
     return report
 
