@@ -129,8 +129,29 @@ def test_recipes_quick_runs_and_renders():
     res = recipes.measure(["vit_fmnist"], {"labels (defaults)": ({}, {})}, steps=2, eval_images=64)
     row = res["models"]["vit_fmnist"]["recipes"]["labels (defaults)"]
     assert row["seconds"] > 0 and row["after"]["strict"] >= row["after"]["energy"] > 0
+    assert 0 <= res["models"]["vit_fmnist"]["start_agreement"] <= 1
     md = recipes.markdown(res, "test")
     assert md.startswith(recipes.BEGIN) and md.rstrip().endswith(recipes.END) and "| labels (defaults) |" in md
+
+
+def test_recipes_over_t_arranges_each_t_and_marks_the_best_gain(monkeypatch):
+    from benchmarks import recipes
+
+    def fake(models, chosen, steps, eval_images, timesteps):  # gain 10 T + i for the i-th recipe
+        row = lambda i: {"before": {"top1": 50.0, "ann_top1": 90.0}, "after": {"top1": 50.0 + 10 * timesteps + i}}
+        return {"date": "today", "machine": "test", "images": eval_images, "steps": steps,
+                "models": {m: {"ann_top1": 90.0, "recipes": {r: row(i) for i, r in enumerate(chosen)},
+                               "start_agreement": 0.45 * timesteps} for m in models}}
+    monkeypatch.setattr(recipes, "measure", fake)
+    chosen = {r: recipes.RECIPES[r] for r in ("labels, lr 1e-3", "labels, lr 3e-4")}
+    res = recipes.measure_over_t(["a", "b"], chosen, 3, 8, [1, 2])
+    assert res["timesteps"] == [1, 2] and list(res["models"]) == ["a", "b"]
+    assert res["models"]["b"]["recipes"]["labels, lr 3e-4"]["2"]["after"]["top1"] == 71.0
+    md = recipes.markdown(res, "cmd")
+    assert md.startswith(recipes.BEGIN_OVER_T) and md.rstrip().endswith(recipes.END_OVER_T)
+    assert "| labels, lr 1e-3 | 50.00 -> 60.00 (+10.00) | 50.00 -> 70.00 (+20.00) |" in md
+    assert "| labels, lr 3e-4 | 50.00 -> 61.00 (**+11.00**) | 50.00 -> 71.00 (**+21.00**) |" in md
+    assert "| default (lr null): agreement -> lr | 45.0% -> 1.0e-03 | 90.0% -> 5.0e-04 |" in md
 
 
 def test_psa_quick_runs_and_renders(tmp_path_factory, monkeypatch):
@@ -164,7 +185,7 @@ def test_softmax_free_quick_runs_and_renders(monkeypatch):
     images = sf.calibration_images(64)
     monkeypatch.setattr(sf, "calibration_images", lambda: images)
     monkeypatch.setattr(recipes, "calibration_images", lambda: images)
-    monkeypatch.setattr(sf, "ABLATION", {"labels (defaults)": ({}, {})})
+    monkeypatch.setattr(sf, "ABLATION", {"labels": ({}, {})})
     res = {"date": "today", "machine": "test", "model": sf.MODEL, "ablation": sf.ablation(["ssa"], 1, 50),
            "epochs": sf.epochs_run(["ssa"], 1, 50, train_images=64, points=(1,)),
            "shares": sf.analog_shares(["ssa", "spike_driven, constant norm"], (2,))}
@@ -175,7 +196,7 @@ def test_softmax_free_quick_runs_and_renders(monkeypatch):
     points = res["epochs"]["variants"]["ssa"]["points"]
     assert set(points) == {"0", "1"} and 0 <= points["1"]["analog_share"] < 1
     md = sf.markdown(res, "test")
-    assert md.startswith(sf.BEGIN) and md.rstrip().endswith(sf.END) and "| ssa | labels (defaults) |" in md
+    assert md.startswith(sf.BEGIN) and md.rstrip().endswith(sf.END) and "| ssa | labels |" in md
     assert "| spike_driven, constant norm | 2 |" in md
 
 
