@@ -12,7 +12,7 @@ conf/finetune/bptt.yaml's settings.
   constant-statistics norm) for ``--ablation-steps`` steps of batch 64, top-1 on ``--ablation-images``
   test images (benchmarks.recipes.measure); ``--ingredients`` runs some of them, the others' saved
   rows stay.
-- Epochs: one run of ``--epochs`` epochs of the training split with ``RECIPE`` (or ``--recipe``); top-1 at step 4 on the
+- Epochs: one run of ``--epochs`` epochs of the training split with ``RECIPE`` (plus ``--recipe``); top-1 at step 4 on the
   test split, energy per image (standard / strict, vs the ANN) and the analog share after 0, 0.25, 0.5,
   1, 2 and 3 epochs (the run stops there and resumes from its checkpoint: the same weights as one run).
 - What stays analog: training-free energy and analog share of every variant at T=4 and 16, split into the
@@ -45,10 +45,12 @@ VARIANTS = {"ssa": dict(attention="ssa"), "a2os2a": dict(attention="a2os2a"),
             "spike_driven, input_offsets=false": dict(residual="spike_driven", input_offsets=False),
             "spike_driven, constant norm, input_offsets=false": dict(residual="spike_driven", norm="constant",
                                                                       input_offsets=False)}
-RECIPE: dict = {}  # on top of conf/finetune/bptt.yaml (labels, lr 1e-3): no ingredient won the ablation
+# on top of conf/finetune/bptt.yaml: labels at lr 1e-3 (the default when these runs were made; lr null picks it
+# for these variants too, which start far from the ANN), since no ingredient won the ablation
+RECIPE: dict = dict(lr=1e-3)
 POINTS = (0.25, 0.5, 1, 2, 3)
 # ingredient: (conversion options on top of the variant's, fine-tuning options)
-ABLATION = {"labels (defaults)": ({}, {}), "distill 0.5": ({}, dict(distill=0.5)),
+ABLATION = {"labels": ({}, {}), "distill 0.5": ({}, dict(distill=0.5)),
             "distill 0.5 + block outputs 1": ({}, dict(distill=0.5, feature_distill=1.0)),
             "labels + blend 0.25": ({}, dict(blend=0.25)), "labels, lr 3e-4": ({}, dict(lr=3e-4)),
             "constant norm": (dict(norm="constant"), {}),
@@ -58,7 +60,8 @@ ABLATION = {"labels (defaults)": ({}, {}), "distill 0.5": ({}, dict(distill=0.5)
 def ablation(variants, steps: int, eval_images: int, ingredients=None) -> dict:
     out = {"steps": steps, "images": eval_images, "variants": {}}
     for name in variants:
-        recipes = {i: ({**VARIANTS[name], **ABLATION[i][0]}, ABLATION[i][1]) for i in ingredients or ABLATION}
+        recipes = {i: ({**VARIANTS[name], **ABLATION[i][0]}, {**RECIPE, **ABLATION[i][1]})
+                   for i in ingredients or ABLATION}
         out["variants"][name] = measure([MODEL], recipes, steps, eval_images)["models"][MODEL]["recipes"]
     return out
 
@@ -87,8 +90,9 @@ def analog_shares(variants, timesteps=(4, 16)) -> dict:
 
 
 def epochs_run(variants, epochs: int, eval_images: int, train_images=None, points=POINTS, recipe=None) -> dict:
-    """``recipe``: fine-tuning options instead of ``RECIPE``; the results are then named after it as well."""
-    recipe = RECIPE if recipe is None else recipe
+    """``recipe``: fine-tuning options on top of ``RECIPE``; the results are then named after them as well."""
+    extra = recipe or {}
+    recipe = {**RECIPE, **extra}
     test_data = fashion_mnist("test")
     train = fashion_mnist("train").dataset
     if train_images:
@@ -103,7 +107,7 @@ def epochs_run(variants, epochs: int, eval_images: int, train_images=None, point
     for name in variants:
         options = VARIANTS[name]
         rows = finetune_curve(ann, calib, options, T, recipe, epochs, points, loader, train, energy_x, label=name)
-        key = name if recipe == RECIPE else f"{name} + " + ", ".join(f"{k} {v}" for k, v in recipe.items())
+        key = f"{name} + " + ", ".join(f"{k} {v}" for k, v in extra.items()) if extra else name
         out["variants"][key] = {"options": options, "recipe": recipe, "ann_top1": rows[0]["ann_top1"],
                                 "points": {str(k): v for k, v in rows.items()}}
     return out
@@ -115,7 +119,8 @@ def markdown(res: dict, command: str) -> str:
     if res.get("ablation"):
         a = res["ablation"]
         lines += [f"### What each ingredient buys: {a['steps']} steps of batch 64, top-1 on {a['images']} test images",
-                  "", f"Measured with {_commands(a, command)}.", "", "| variant | recipe | training-free | fine-tuned | drop vs ANN | s |", "|---|---|---|---|---|---|"]
+                  "", f"Measured with {_commands(a, command)}; each recipe on top of conf/finetune/bptt.yaml and "
+                  f"{', '.join(f'{k}={v}' for k, v in RECIPE.items())}.", "", "| variant | recipe | training-free | fine-tuned | drop vs ANN | s |", "|---|---|---|---|---|---|"]
         for name, rows in a["variants"].items():
             for recipe, r in rows.items():
                 lines.append(f"| {name} | {recipe} | {r['before']['top1']:.2f} | {r['after']['top1']:.2f} | "
@@ -172,7 +177,7 @@ def _arguments(parser):
     parser.add_argument("--ablation-images", type=int, default=2000)
     parser.add_argument("--ingredients", nargs="+", default=list(ABLATION), choices=list(ABLATION))
     parser.add_argument("--recipe", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="fine-tuning options of the epochs run instead of RECIPE, e.g. blend=0.25")
+                        help="fine-tuning options of the epochs run on top of RECIPE, e.g. blend=0.25")
 
 
 def _recipe(pairs):

@@ -66,7 +66,7 @@ class AttentionConfig:
 @dataclass
 class FinetuneConfig:
     epochs: int = MISSING
-    lr: float = MISSING
+    lr: Optional[float] = MISSING
     threshold_lr: Optional[float] = None
     weight_decay: float = MISSING
     warmup: float = MISSING

@@ -51,14 +51,26 @@ from convert import schema
 from convert.checkpoint import CALIBRATED, load_training_state, save
 from convert.config import show_progress
 from convert.network import SpikingModel, check_images, check_timesteps
-from models.distributed import is_main, rank, world_size
+from models.distributed import all_reduce, is_main, rank, world_size
 from models.attention import SpikingSDPA
 from models.neurons import BaseNeuron, Surrogate
 from models.normalization import ConstantNorm
 from models.state import reset_net, set_step_mode
 
+# lr=None sets the weights' learning rate by how far the converted network starts from the ANN: with a the share
+# of the first training batch on which the SNN's top-1 is the ANN's, lr = LR_PER_DISAGREEMENT * (1 - a) within
+# [LR_MIN, LR_MAX] (LR_MAX below 80% agreement, LR_MIN from 98%): a larger rate repairs a poor start but undoes
+# a close one (at T=8, 150 steps at 1e-3 lost 0.4-2.3 pt on three models). Measured with `python -m
+# benchmarks.recipes --timesteps 1 2 4 8` on three models, and on ssa / a2os2a (BENCHMARKS.md)
+LR_MIN, LR_MAX, LR_PER_DISAGREEMENT = 1e-4, 1e-3, 5e-3
+
+
+def default_lr(agreement: float) -> float:
+    """The rate lr=None takes from the start agreement a: 5e-3 (1 - a) within [1e-4, 1e-3]."""
+    return min(LR_MAX, max(LR_MIN, LR_PER_DISAGREEMENT * (1.0 - agreement)))
+
 FINETUNE_DEFAULTS: Dict[str, Any] = dict(
-    lr=1e-3, threshold_lr=None, weight_decay=0.01, warmup=0.05, batch_size=64, timesteps=None, images=None,
+    lr=None, threshold_lr=None, weight_decay=0.01, warmup=0.05, batch_size=64, timesteps=None, images=None,
     surrogate="ste", alpha=4.0, thresholds=True, weights=True, distill=0.0, temperature=1.0, event_penalty=0.0,
     blend=0.0, feature_distill=0.0, grad_checkpoint=False, checkpoint_every=0, checkpoint_path=None, resume=None, max_steps=None, seed=0,
     progress=True)
@@ -76,13 +88,35 @@ def check_finetune_options(epochs: Any, options: Dict[str, Any]) -> Dict[str, An
     o = {**FINETUNE_DEFAULTS, **options}
     schema.keys_by_path()["finetune.epochs"].check(epochs)
     schema.validate_options(o, "finetune")
-    if o["threshold_lr"] is None:
-        o["threshold_lr"] = o["lr"]
     if not (o["thresholds"] or o["weights"]):
         raise ValueError("finetune has nothing to train: set finetune.thresholds=true and/or finetune.weights=true")
     if o["checkpoint_every"] and not o["checkpoint_path"]:
         raise ValueError("finetune.checkpoint_every needs checkpoint_path (where to write the checkpoints)")
     return o
+
+
+def learning_rates(o: Dict[str, Any], lr: float) -> Dict[str, Any]:
+    """``o`` with lr None replaced by ``lr``, and threshold_lr None by the weights' rate."""
+    lr = lr if o["lr"] is None else o["lr"]
+    return {**o, "lr": lr, "threshold_lr": lr if o["threshold_lr"] is None else o["threshold_lr"]}
+
+
+def start_agreement(snn: SpikingModel, images: torch.Tensor, timesteps: int, seed: int) -> float:
+    """The share of ``images`` (summed over ranks) on which the SNN's top-1 (mean output over ``timesteps``)
+    is the ANN's, with random masks drawn from ``seed`` apart from the training's random stream."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[images.device] if images.is_cuda else []):
+        torch.manual_seed(seed)
+        snn_top1 = TimeAveraged(snn.net, timesteps)(images).argmax(-1)
+        with analog_mode(snn.net, exact=True):
+            ann_top1 = snn.net(images).argmax(-1)
+    counts = all_reduce(torch.tensor([float((snn_top1 == ann_top1).sum()), float(len(images))], dtype=torch.float64))
+    return float(counts[0] / counts[1].clamp(min=1))
+
+
+def first_batch(train_data, **options) -> torch.Tensor:
+    """The images of the first batch ``finetune(snn, train_data, **options)`` trains on (this rank's share)."""
+    o = check_finetune_options(1, options)
+    return next(iter(_Batches(train_data, o, need_labels=False).epoch(0, 0)))[0]
 
 
 class TimeAveraged(nn.Module):
@@ -233,14 +267,22 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
 
     origin = _origin(snn.net) if teacher is not None else None  # the teacher is made from the network passed in
     resume_meta, resume_tensors = {"epoch": 0, "batch": 0, "step": 0, "history": []}, {}
+    agreement = None
     if o["resume"]:
         resume_tensors, resume_meta = load_training_state(o["resume"], snn, origin)
+        o = learning_rates(o, resume_meta["options"].get("lr", LR_MAX))  # lr None: the rate the run started with
         written = {k: resume_meta["options"].get(k, FINETUNE_DEFAULTS[k]) for k in RESULT_OPTIONS}  # older: defaults
         if written != {k: o[k] for k in RESULT_OPTIONS} \
                 or resume_meta["epochs"] != epochs:
             raise ValueError(f"cannot resume from {o['resume']}: it was written with other fine-tuning options "
                              f"(epochs {resume_meta['epochs']}, {_result_options(resume_meta['options'])}); "
                              f"use the same ones to continue it")
+    elif o["lr"] is None:
+        images = next(iter(batches.epoch(0, 0)))[0]
+        check_images(snn.inputs, images)
+        agreement = start_agreement(snn, images.to(device), T, o["seed"])
+        o = learning_rates(o, default_lr(agreement))
+    o = learning_rates(o, LR_MAX)  # lr given: threshold_lr None follows it
     neurons = [m for m in snn.net.modules() if isinstance(m, BaseNeuron)]
     flags = {p: p.requires_grad for p in snn.net.parameters()}
     thresholds = [n.threshold for n in neurons]
@@ -315,7 +357,8 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
         snn.net.eval()
         reset_net(snn.net)
         set_step_mode(snn.net, snn.step_mode)
-    snn.finetune_report = _report(o, epochs, step, total, history, T, elapsed + time.time() - start)
+    snn.finetune_report = {**_report(o, epochs, step, total, history, T, elapsed + time.time() - start),
+                           "start_agreement": agreement}
     return snn
 
 

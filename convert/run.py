@@ -225,9 +225,11 @@ def run(cfg: DictConfig, load_path: Optional[str] = None) -> Dict:
                     raise KeyboardInterrupt(f"fine-tuning stopped; its last checkpoint is {ckpt}: continue with the "
                                             f"same command plus finetune.resume={ckpt}") from None
                 raise
-            say(f"[{name}] fine-tuned {snn.finetune_report['steps']} steps at T={snn.finetune_report['timesteps']}"
-                  f" in {snn.finetune_report['seconds']:.0f} s; train loss per epoch "
-                  f"{', '.join(f'{v:.4f}' for v in snn.finetune_report['loss'])}")
+            ft = snn.finetune_report
+            chosen = "" if ft["start_agreement"] is None else \
+                f", set by {100 * ft['start_agreement']:.0f}% top-1 agreement with the ANN at the start"
+            say(f"[{name}] fine-tuned {ft['steps']} steps at T={ft['timesteps']} (lr {ft['options']['lr']:g}{chosen}) "
+                f"in {ft['seconds']:.0f} s; train loss per epoch {', '.join(f'{v:.4f}' for v in ft['loss'])}")
         finetune_s = time.time() - t0
         t0 = time.time()
         result = evaluate(snn, test_loader, T_v, progress=progress, reference=None if load_path else ann)

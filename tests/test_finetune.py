@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from calibration import analog_mode
 from convert import convert, finetune, load, save
 from convert.finetune import TimeAveraged
 from models.neurons import BaseNeuron, Surrogate
@@ -465,3 +466,40 @@ def test_resume_starts_from_the_checkpoint_weights(tmp_path):
         finetune(resumed, data, resume=path, **common)
         equal = all(torch.equal(v, resumed.net.state_dict()[k]) for k, v in full.net.state_dict().items())
         assert equal == same, path.name
+
+
+@pytest.mark.parametrize("given", [dict(), dict(lr=5e-4), dict(threshold_lr=2e-2), dict(lr=5e-4, threshold_lr=2e-2)],
+                         ids=["auto", "lr", "threshold_lr", "both"])
+def test_default_learning_rate_follows_the_start_agreement(given, monkeypatch):
+    """lr None: default_lr of the share a of the first batch on which the SNN (at the T trained at) agrees with
+    the ANN's top-1, 5e-3 (1 - a) within [1e-4, 1e-3]; a given rate is kept and nothing is measured;
+    threshold_lr None follows lr; the optimiser runs with the rates the report names."""
+    from convert.finetune import LR_MAX, LR_MIN, TimeAveraged, default_lr
+    made = []
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda groups: made.append(adamw(groups)) or made[-1])
+    x, y = _data(16)
+    chosen = set()
+    for train_t in (1, 64):
+        snn = _snn(T=train_t)
+        with torch.no_grad():  # the first batch is all 16 images (in some order: agreement does not care)
+            snn_top1 = TimeAveraged(snn.net, train_t)(x).argmax(-1)
+            with analog_mode(snn.net, exact=True):
+                agreement = float((snn_top1 == snn.net(x).argmax(-1)).float().mean())
+        finetune(snn, (x, y), epochs=1, batch_size=16, timesteps=train_t, warmup=0.0, progress=False, **given)
+        auto = default_lr(agreement)
+        lr, threshold_lr = given.get("lr", auto), given.get("threshold_lr", given.get("lr", auto))
+        report = snn.finetune_report
+        assert report["options"]["lr"] == lr and report["options"]["threshold_lr"] == threshold_lr
+        assert [g["base_lr"] for g in made[-1].param_groups] == [lr, threshold_lr]
+        assert report["start_agreement"] == (None if "lr" in given else pytest.approx(agreement))
+        chosen.add(auto)
+    assert chosen == {LR_MAX, LR_MIN}  # T=1 starts far from the ANN, T=64 at it
+
+
+@pytest.mark.parametrize("agreement", [0.0, 0.5, 0.79, 0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 1.0])
+def test_default_lr_falls_with_the_agreement_within_its_bounds(agreement):
+    from convert.finetune import default_lr
+    lr = default_lr(agreement)
+    assert 1e-4 <= lr <= 1e-3 and lr == pytest.approx(min(1e-3, max(1e-4, 5e-3 * (1 - agreement))))
+    assert default_lr(min(1.0, agreement + 0.01)) <= lr

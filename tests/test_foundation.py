@@ -163,7 +163,7 @@ def run_cli(*args, cwd=None):
     (["timesteps=0"], "timesteps must be an integer in 1..65536, got 0"),
     (["sweep.variants=null"], "the sweep is empty"),
     (["sweep=neurons", "sweep.variants.signed_if_L1.neuron=lif"], "unknown neuron.name 'lif'"),
-    (["finetune=bptt", "finetune.lr=0"], "finetune.lr must be a finite number in (0, 10], got 0.0"),
+    (["finetune=bptt", "finetune.lr=0"], "finetune.lr must be a finite number in (0, 10] or null, got 0.0"),
     (["finetune.epochs=-1"], "finetune.epochs must be an integer in 0..100000, got -1"),
     (["finetune=bptt", "finetune.surrogate=tanh"], "unknown finetune.surrogate 'tanh'"),
     (["finetune=sgd"], "Could not find 'finetune/sgd'"),

@@ -105,7 +105,7 @@ def test_the_python_api_answers_with_the_cli_messages(options, overrides, messag
 
 @pytest.mark.parametrize("call, message", [
     (lambda snn: __import__("convert").finetune(snn, torch.randn(4, 3, 16, 16), epochs=1, lr=-1, distill=1),
-     r"finetune.lr must be a finite number in \(0, 10\], got -1"),
+     r"finetune.lr must be a finite number in \(0, 10\] or null, got -1"),
     (lambda snn: __import__("convert").finetune(snn, torch.randn(4, 3, 16, 16), epochs=-1, distill=1),
      "finetune.epochs must be an integer in 0..100000, got -1"),
     (lambda snn: __import__("convert").finetune(snn, torch.randn(4, 3, 16, 16), epochs=1, distill=2.0),
