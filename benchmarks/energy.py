@@ -252,8 +252,9 @@ def markdown(res: dict, command: str) -> str:
         if m.get("finetuned"):
             lines += ["", f"Fine-tuned on {m['train_images']} training images (batch 64, one cosine schedule over "
                       "the recipe's epochs, conf/finetune/bptt.yaml plus the recipe's options, lr 1e-3 unless the "
-                      "recipe names another), measured on the run's way; top-1 on {m['finetuned_images']} test images (training-free: the conversion it starts "
-                      "from; drop: from the ANN on the same images), energy on the first "
+                      f"recipe names another), measured on the run's way; top-1 on {m['finetuned_images']} test "
+                      "images (training-free: the conversion it starts from; drop: from the ANN on the same images), "
+                      "energy on the first "
                       f"{res['energy_images']}; s: cumulative fine-tuning seconds. Points measured on other test "
                       "images than the grid's are placed in the plot and the front by their drop. Measured with " +
                       "; ".join(f"`{r['command']}` ({r['date']})" for r in m["finetuned_runs"]) + ".", "",

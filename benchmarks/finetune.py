@@ -106,7 +106,8 @@ def markdown(res, command) -> str:
     lines = [BEGIN, "## Fine-tuning over T and the seed papers' variants", "",
              f"Measured with `{command}` on {res['date']}: {res['machine']}; {res['images']} test images; fine-tuning "
              f"{res['epochs']} epoch(s) of {res['train_images']} training images (batch {o['batch_size']}, AdamW lr "
-             f"{o['lr'] if o['lr'] is not None else 'null (set by the start agreement)'}, {o['surrogate']} surrogate, thresholds and weights learned, warm-up {o['warmup']}, cosine). "
+             f"{o['lr'] if o['lr'] is not None else 'null (set by the start agreement)'}, {o['surrogate']} "
+             f"surrogate, thresholds and weights learned, warm-up {o['warmup']}, cosine). "
              f"ANN top-1: {ann:.2f}%.", "",
              "### Defaults (signed IF L=1), each fine-tuned at its own T", "",
              "| T | training-free | fine-tuned | drop vs ANN | s / epoch | training memory MB (grad_checkpoint) |",

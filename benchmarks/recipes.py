@@ -80,7 +80,8 @@ def measure_over_t(models, recipes, steps: int, eval_images: int, timesteps) -> 
         out["models"][name] = {"ann_top1": runs[timesteps[0]]["models"][name]["ann_top1"],
                                "recipes": {r: {str(t): runs[t]["models"][name]["recipes"][r] for t in timesteps}
                                            for r in recipes},
-                               "start_agreement": {str(t): runs[t]["models"][name]["start_agreement"] for t in timesteps}}
+                               "start_agreement": {str(t): runs[t]["models"][name]["start_agreement"]
+                                                   for t in timesteps}}
     return out
 
 
@@ -116,8 +117,8 @@ def markdown_over_t(res: dict, command: str) -> str:
              f"on the same {res['steps'] * 64} training images, conf/finetune/bptt.yaml's settings otherwise. "
              f"Bold: the largest gain at that T. Last row: the SNN's top-1 agreement with the ANN on the first "
              f"training batch, and the rate the default (finetune.lr=null) takes from it (5e-3 x the "
-             f"disagreement, within [1e-4, 1e-3]).", *([f"({res['agreement_note']}.)"] if "agreement_note" in res else []),
-             ""]
+             f"disagreement, within [1e-4, 1e-3]).",
+             *([f"({res['agreement_note']}.)"] if "agreement_note" in res else []), ""]
     for name, m in res["models"].items():
         best = {t: max(r[t]["after"]["top1"] - r[t]["before"]["top1"] for r in m["recipes"].values())
                 for t in map(str, ts)}

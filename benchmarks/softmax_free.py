@@ -12,8 +12,8 @@ conf/finetune/bptt.yaml's settings.
   constant-statistics norm) for ``--ablation-steps`` steps of batch 64, top-1 on ``--ablation-images``
   test images (benchmarks.recipes.measure); ``--ingredients`` runs some of them, the others' saved
   rows stay.
-- Epochs: one run of ``--epochs`` epochs of the training split with ``RECIPE`` (plus ``--recipe``); top-1 at step 4 on the
-  test split, energy per image (standard / strict, vs the ANN) and the analog share after 0, 0.25, 0.5,
+- Epochs: one run of ``--epochs`` epochs of the training split with ``RECIPE`` (plus ``--recipe``); top-1 at
+  step 4 on the test split, energy per image (standard / strict, vs the ANN) and the analog share after 0, 0.25, 0.5,
   1, 2 and 3 epochs (the run stops there and resumes from its checkpoint: the same weights as one run).
 - What stays analog: training-free energy and analog share of every variant at T=4 and 16, split into the
   image layer, the norms and the rest (every run).

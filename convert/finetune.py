@@ -69,6 +69,7 @@ def default_lr(agreement: float) -> float:
     """The rate lr=None takes from the start agreement a: 5e-3 (1 - a) within [1e-4, 1e-3]."""
     return min(LR_MAX, max(LR_MIN, LR_PER_DISAGREEMENT * (1.0 - agreement)))
 
+
 FINETUNE_DEFAULTS: Dict[str, Any] = dict(
     lr=None, threshold_lr=None, weight_decay=0.01, warmup=0.05, batch_size=64, timesteps=None, images=None,
     surrogate="ste", alpha=4.0, thresholds=True, weights=True, distill=0.0, temperature=1.0, event_penalty=0.0,

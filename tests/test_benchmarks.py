@@ -1,6 +1,8 @@
 """The benchmarks cannot rot: the torchvision port is exact, and the quick modes run end to end."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -121,6 +123,7 @@ def test_energy_quick_runs_and_renders():
     md = energy_bench.markdown(res, "test")
     assert md.startswith(energy_bench.BEGIN) and md.rstrip().endswith(energy_bench.END) and "| rate, signed IF L=1 | 4 |" in md
     assert "| rate, signed IF L=1 | 4 | event penalty 30 | 1 |" in md and f"{energy_bench.PEER} on the same weights" in md
+    assert not re.search(r"\{[a-z_]+\[", md)  # every placeholder filled in (no f missing before a string)
     assert 0 < peer[energy_bench.PEER][0]["energy"] < 100 and 0 < peer[energy_bench.PEER][0]["strict"] < 100
 
 
