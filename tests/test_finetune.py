@@ -480,8 +480,8 @@ def test_default_learning_rate_follows_the_start_agreement(given, monkeypatch):
     monkeypatch.setattr(torch.optim, "AdamW", lambda groups: made.append(adamw(groups)) or made[-1])
     x, y = _data(16)
     chosen = set()
-    for train_t in (1, 64):
-        snn = _snn(T=train_t)
+    for convert_t, train_t in ((1, 1), (64, 64), (64, 1)):  # the last: measured at the T trained at
+        snn = _snn(T=convert_t)
         with torch.no_grad():  # the first batch is all 16 images (in some order: agreement does not care)
             snn_top1 = TimeAveraged(snn.net, train_t)(x).argmax(-1)
             with analog_mode(snn.net, exact=True):
