@@ -96,12 +96,6 @@ def check_finetune_options(epochs: Any, options: Dict[str, Any]) -> Dict[str, An
     return o
 
 
-def learning_rates(o: Dict[str, Any], lr: float) -> Dict[str, Any]:
-    """``o`` with lr None replaced by ``lr``, and threshold_lr None by the weights' rate."""
-    lr = lr if o["lr"] is None else o["lr"]
-    return {**o, "lr": lr, "threshold_lr": lr if o["threshold_lr"] is None else o["threshold_lr"]}
-
-
 def start_agreement(snn: SpikingModel, images: torch.Tensor, timesteps: int, seed: int) -> float:
     """The share of ``images`` (summed over ranks) on which the SNN's top-1 (mean output over ``timesteps``)
     is the ANN's, with random masks drawn from ``seed`` apart from the training's random stream."""
@@ -268,22 +262,24 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
 
     origin = _origin(snn.net) if teacher is not None else None  # the teacher is made from the network passed in
     resume_meta, resume_tensors = {"epoch": 0, "batch": 0, "step": 0, "history": []}, {}
-    agreement = None
+    agreement, lr = None, o["lr"]
     if o["resume"]:
         resume_tensors, resume_meta = load_training_state(o["resume"], snn, origin)
-        o = learning_rates(o, resume_meta["options"].get("lr", LR_MAX))  # lr None: the rate the run started with
+        if lr is None:  # the rate the run started with
+            lr = resume_meta["options"].get("lr", LR_MAX)
+    elif lr is None:
+        images = next(iter(batches.epoch(0, 0)))[0]
+        check_images(snn.inputs, images)
+        agreement = start_agreement(snn, images.to(device), T, o["seed"])
+        lr = default_lr(agreement)
+    o = {**o, "lr": lr, "threshold_lr": lr if o["threshold_lr"] is None else o["threshold_lr"]}
+    if o["resume"]:
         written = {k: resume_meta["options"].get(k, FINETUNE_DEFAULTS[k]) for k in RESULT_OPTIONS}  # older: defaults
         if written != {k: o[k] for k in RESULT_OPTIONS} \
                 or resume_meta["epochs"] != epochs:
             raise ValueError(f"cannot resume from {o['resume']}: it was written with other fine-tuning options "
                              f"(epochs {resume_meta['epochs']}, {_result_options(resume_meta['options'])}); "
                              f"use the same ones to continue it")
-    elif o["lr"] is None:
-        images = next(iter(batches.epoch(0, 0)))[0]
-        check_images(snn.inputs, images)
-        agreement = start_agreement(snn, images.to(device), T, o["seed"])
-        o = learning_rates(o, default_lr(agreement))
-    o = learning_rates(o, LR_MAX)  # lr given: threshold_lr None follows it
     neurons = [m for m in snn.net.modules() if isinstance(m, BaseNeuron)]
     flags = {p: p.requires_grad for p in snn.net.parameters()}
     thresholds = [n.threshold for n in neurons]
