@@ -9,15 +9,18 @@ Each recipe converts the model at T=4 (signed IF L=1 unless it says otherwise), 
 the energy per image (both accountings, ``convert.energy_report`` on 64 test images) before and after
 fine-tuning on the first steps x 64 training images, with conf/finetune/bptt.yaml's settings except what
 the recipe changes. ``--timesteps`` other than 4 measures the recipes at each of those T instead (its own
-results file and section: recipes-over-t).
+results file and section: recipes-over-t); its rows join the saved ones measured over the same T, steps and
+test images, so a recipe can be added or remeasured alone.
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from torch.utils.data import DataLoader, Subset
 
-from benchmarks.core import accuracy_and_energy, calibration_images, machine_info
+from benchmarks.core import accuracy_and_energy, calibration_images, command_line, machine_info
 from benchmarks.outputs import benchmark_main
 from convert import convert, finetune
 from convert.finetune import default_lr, first_batch, start_agreement
@@ -85,6 +88,34 @@ def measure_over_t(models, recipes, steps: int, eval_images: int, timesteps) -> 
     return out
 
 
+def saved_over_t(path: Path, timesteps, steps: int, images: int) -> dict | None:
+    """The saved run over T at ``path``, None if there is none. A run over other T, steps or test images
+    would replace its rows, so it is refused before anything is measured."""
+    if not path.exists():
+        return None
+    old = json.loads(path.read_text())
+    if [old["timesteps"], old["steps"], old["images"]] != [list(timesteps), steps, images]:
+        raise SystemExit(f"{path} holds rows over T={old['timesteps']}, {old['steps']} steps, {old['images']} test "
+                         f"images, which this run (T={list(timesteps)}, {steps} steps, {images} test images) would "
+                         f"replace: pass --out DIR to keep them apart, or delete the file to start afresh")
+    return old
+
+
+def joined(res: dict, old: dict | None) -> dict:
+    """``res`` (a ``measure_over_t`` result) with the rows of ``old`` (the saved run) kept where ``res`` has no
+    recipe of that name (the start agreements are ``res``'s); ``runs`` lists each command with its date."""
+    run = {"command": command_line("benchmarks.recipes"), "date": res["date"]}
+    if old is None:
+        return {**res, "runs": [run]}
+    runs = [r for r in old.get("runs", [{"command": old["command"], "date": old["date"]}])
+            if r["command"] != run["command"]]
+    models = old["models"]
+    for name, m in res["models"].items():
+        recipes = {**models.get(name, {}).get("recipes", {}), **m["recipes"]}
+        models[name] = {**m, "recipes": dict(sorted(recipes.items(), key=lambda r: list(RECIPES).index(r[0])))}
+    return {**res, "models": models, "runs": runs + [run]}
+
+
 def markdown(res: dict, command: str) -> str:
     if "timesteps" in res:
         return markdown_over_t(res, command)
@@ -110,9 +141,11 @@ def markdown(res: dict, command: str) -> str:
 
 def markdown_over_t(res: dict, command: str) -> str:
     ts = res["timesteps"]
+    runs = " and ".join(f"`{r['command']}` on {r['date']}"
+                        for r in res.get("runs", [{"command": command, "date": res["date"]}]))
     lines = [BEGIN_OVER_T, f"## Fine-tuning recipes at T={', '.join(map(str, ts))}: what {res['steps']} steps of "
              f"batch 64 buy", "",
-             f"Measured with `{command}` on {res['date']}: {res['machine']}; top-1 at step T on {res['images']} test "
+             f"Measured with {runs}: {res['machine']}; top-1 at step T on {res['images']} test "
              f"images, before -> after fine-tuning (gain), each recipe from the training-free conversion at that T, "
              f"on the same {res['steps'] * 64} training images, conf/finetune/bptt.yaml's settings otherwise. "
              f"Bold: the largest gain at that T. Last row: the SNN's top-1 agreement with the ANN on the first "
@@ -156,7 +189,8 @@ def main() -> None:
     def full(args):
         recipes = {r: RECIPES[r] for r in args.recipes}
         if _over_t(args):
-            return measure_over_t(args.models, recipes, args.steps, args.eval_images, args.timesteps)
+            old = saved_over_t(args.out / "recipes-over-t.json", args.timesteps, args.steps, args.eval_images)
+            return joined(measure_over_t(args.models, recipes, args.steps, args.eval_images, args.timesteps), old)
         return measure(args.models, recipes, args.steps, args.eval_images)
 
     def quick(args):

@@ -1,6 +1,7 @@
 """The benchmarks cannot rot: the torchvision port is exact, and the quick modes run end to end."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -155,6 +156,28 @@ def test_recipes_over_t_arranges_each_t_and_marks_the_best_gain(monkeypatch):
     assert "| labels, lr 1e-3 | 50.00 -> 60.00 (+10.00) | 50.00 -> 70.00 (+20.00) |" in md
     assert "| labels, lr 3e-4 | 50.00 -> 61.00 (**+11.00**) | 50.00 -> 71.00 (**+21.00**) |" in md
     assert "| default (lr null): agreement -> lr | 45.0% -> 1.0e-03 | 90.0% -> 5.0e-04 |" in md
+
+
+def test_recipes_over_t_joins_the_saved_rows_of_the_same_t_steps_and_images(tmp_path):
+    from benchmarks import recipes
+    row = lambda top1: {"1": {"before": {"top1": 50.0}, "after": {"top1": top1}}}
+    run = lambda date, rows: {"date": date, "machine": "test", "timesteps": [1], "steps": 3, "images": 8,
+                              "models": {"a": {"ann_top1": 90.0, "recipes": rows, "start_agreement": {"1": 0.5}}}}
+    saved = tmp_path / "recipes-over-t.json"
+    assert recipes.saved_over_t(saved, [1], 3, 8) is None
+    saved.write_text(json.dumps({**run("old", {"labels, lr 1e-4": row(60.0), "labels, lr 1e-3": row(61.0)}),
+                                 "command": "python -m benchmarks.recipes --recipes old"}))
+    res = recipes.joined(run("new", {"labels, lr 1e-3": row(62.0), "labels (defaults)": row(63.0)}),
+                         recipes.saved_over_t(saved, (1,), 3, 8))
+    got = res["models"]["a"]["recipes"]
+    assert list(got) == ["labels (defaults)", "labels, lr 1e-3", "labels, lr 1e-4"]  # RECIPES' order
+    assert [got[r]["1"]["after"]["top1"] for r in got] == [63.0, 62.0, 60.0]  # a remeasured recipe is replaced
+    assert [r["date"] for r in res["runs"]] == ["old", "new"]
+    md = recipes.markdown(res, res["runs"][-1]["command"])
+    assert "`python -m benchmarks.recipes --recipes old` on old and `" in md
+    for other in ([[2], 3, 8], [[1], 4, 8], [[1], 3, 9]):  # a run that would replace the saved rows is refused
+        with pytest.raises(SystemExit, match="--out DIR to keep them apart"):
+            recipes.saved_over_t(saved, *other)
 
 
 def test_psa_quick_runs_and_renders(tmp_path_factory, monkeypatch):
