@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from benchmarks.core import accuracy_and_energy, calibration_images, command_line, machine_info
 from benchmarks.outputs import benchmark_main
 from convert import convert, finetune
-from convert.finetune import default_lr, first_batch, start_agreement
+from convert.finetune import default_lr, first_batches, start_agreement
 from models.data import fashion_mnist
 from models.zoo import create_ann
 
@@ -68,7 +68,7 @@ def measure(models, recipes, steps: int, eval_images: int, timesteps: int = T) -
                   f"(ANN {before['ann_top1']:.2f}), energy {before['energy']:.3f} -> {rows[recipe]['after']['energy']:.3f}",
                   flush=True)
         # where the default learning rate (lr None) would start this model at this T
-        agreement = start_agreement(convert(ann, calib, timesteps=timesteps, progress=False), first_batch(images),
+        agreement = start_agreement(convert(ann, calib, timesteps=timesteps, progress=False), first_batches(images),
                                     timesteps, seed=0)
         out["models"][name] = {"ann_top1": next(iter(rows.values()))["before"]["ann_top1"], "recipes": rows,
                                "start_agreement": agreement}
@@ -149,7 +149,7 @@ def markdown_over_t(res: dict, command: str) -> str:
              f"images, before -> after fine-tuning (gain), each recipe from the training-free conversion at that T, "
              f"on the same {res['steps'] * 64} training images, conf/finetune/bptt.yaml's settings otherwise. "
              f"Bold: the largest gain at that T. Last row: the SNN's top-1 agreement with the ANN on the first "
-             f"training batch, and the rate the default (finetune.lr=null) takes from it (5e-3 x the "
+             f"256 training images, and the rate the default (finetune.lr=null) takes from it (5e-3 x the "
              f"disagreement, within [1e-4, 1e-3]).",
              *([f"({res['agreement_note']}.)"] if "agreement_note" in res else []), ""]
     for name, m in res["models"].items():

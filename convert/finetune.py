@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,11 +59,14 @@ from models.normalization import ConstantNorm
 from models.state import reset_net, set_step_mode
 
 # lr=None sets the weights' learning rate by how far the converted network starts from the ANN: with a the share
-# of the first training batch on which the SNN's top-1 is the ANN's, lr = LR_PER_DISAGREEMENT * (1 - a) within
-# [LR_MIN, LR_MAX] (LR_MAX below 80% agreement, LR_MIN from 98%): a larger rate repairs a poor start but undoes
-# a close one (at T=8, 150 steps at 1e-3 lost 0.4-2.3 pt on three models). Measured with `python -m
+# of the first training images (whole batches holding AGREEMENT_IMAGES) on which the SNN's top-1 is the ANN's,
+# lr = LR_PER_DISAGREEMENT * (1 - a) within [LR_MIN, LR_MAX] (LR_MAX below 80% agreement, LR_MIN from 98%): a
+# larger rate repairs a poor start but undoes a close one (at T=8, 150 steps at 1e-3 lost 0.4-2.3 pt on three models). Measured with `python -m
 # benchmarks.recipes --timesteps 1 2 4 8` on three models, and on ssa / a2os2a (BENCHMARKS.md)
 LR_MIN, LR_MAX, LR_PER_DISAGREEMENT = 1e-4, 1e-3, 5e-3
+# one batch of 64 measures a with a standard deviation of ~2.7 pt at a = 0.95 (+-1.4e-4 in lr); 256 images halve
+# it for the cost of ~1.5 training steps
+AGREEMENT_IMAGES = 256
 
 
 def default_lr(agreement: float) -> float:
@@ -96,22 +100,32 @@ def check_finetune_options(epochs: Any, options: Dict[str, Any]) -> Dict[str, An
     return o
 
 
-def start_agreement(snn: SpikingModel, images: torch.Tensor, timesteps: int, seed: int) -> float:
-    """The share of ``images`` (summed over ranks) on which the SNN's top-1 (mean output over ``timesteps``)
-    is the ANN's, with random masks drawn from ``seed`` apart from the training's random stream."""
-    with torch.no_grad(), torch.random.fork_rng(devices=[images.device] if images.is_cuda else []):
+def start_agreement(snn: SpikingModel, batches: Iterable[torch.Tensor], timesteps: int, seed: int) -> float:
+    """The share of the images in ``batches`` (summed over ranks) on which the SNN's top-1 (mean output over
+    ``timesteps``) is the ANN's, with random masks drawn from ``seed`` apart from the training's random stream."""
+    device = next(snn.net.parameters()).device
+    counts = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        snn_top1 = TimeAveraged(snn.net, timesteps)(images).argmax(-1)
-        with analog_mode(snn.net, exact=True):
-            ann_top1 = snn.net(images).argmax(-1)
-    counts = all_reduce(torch.tensor([float((snn_top1 == ann_top1).sum()), float(len(images))], dtype=torch.float64))
+        for images in batches:
+            images = images.to(device)
+            snn_top1 = TimeAveraged(snn.net, timesteps)(images).argmax(-1)
+            with analog_mode(snn.net, exact=True):
+                ann_top1 = snn.net(images).argmax(-1)
+            counts += torch.tensor([float((snn_top1 == ann_top1).sum()), float(len(images))], dtype=torch.float64)
+    counts = all_reduce(counts)
     return float(counts[0] / counts[1].clamp(min=1))
 
 
-def first_batch(train_data, **options) -> torch.Tensor:
-    """The images of the first batch ``finetune(snn, train_data, **options)`` trains on (this rank's share)."""
+def first_batches(train_data, **options) -> List[torch.Tensor]:
+    """The images (this rank's share) of the first batches ``finetune(snn, train_data, **options)`` trains on
+    that hold AGREEMENT_IMAGES images, or of its whole first epoch if that is shorter: what lr=None measures."""
     o = check_finetune_options(1, options)
-    return next(iter(_Batches(train_data, o, need_labels=False).epoch(0, 0)))[0]
+    return _first_batches(_Batches(train_data, o, need_labels=False), o["batch_size"])
+
+
+def _first_batches(batches: "_Batches", batch_size: int) -> List[torch.Tensor]:
+    return [b[0] for b in itertools.islice(batches.epoch(0, 0), -(-AGREEMENT_IMAGES // batch_size))]
 
 
 class TimeAveraged(nn.Module):
@@ -268,9 +282,9 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
         if lr is None:  # the rate the run started with
             lr = resume_meta["options"].get("lr", LR_MAX)
     elif lr is None:
-        images = next(iter(batches.epoch(0, 0)))[0]
-        check_images(snn.inputs, images)
-        agreement = start_agreement(snn, images.to(device), T, o["seed"])
+        first = _first_batches(batches, o["batch_size"])
+        check_images(snn.inputs, first[0])
+        agreement = start_agreement(snn, first, T, o["seed"])
         lr = default_lr(agreement)
     o = {**o, "lr": lr, "threshold_lr": lr if o["threshold_lr"] is None else o["threshold_lr"]}
     if o["resume"]:

@@ -178,8 +178,8 @@ def keys() -> List[Key]:
         Key("attention.norm", "choice", "ecm: LayerNorm / RMSNorm in expectation; constant: calibrated constant "
             "statistics (a per-channel affine map, no per-token reduction)", choices=c["norm"], api="norm"),
         Key("finetune.epochs", "int", "fine-tuning epochs (0: training-free)", low=0, high=100000),
-        Key("finetune.lr", "float", "learning rate of the weights (null: 5e-3 x the share of the first batch on which "
-            "the SNN's top-1 differs from the ANN's, within [1e-4, 1e-3])", low=0,
+        Key("finetune.lr", "float", "learning rate of the weights (null: 5e-3 x the share of the first 256 training "
+            "images on which the SNN's top-1 differs from the ANN's, within [1e-4, 1e-3])", low=0,
             low_open=True, high=10, nullable=True, api="lr"),
         Key("finetune.threshold_lr", "float", "learning rate of the thresholds (null: lr)", low=0, low_open=True,
             high=10, nullable=True, api="threshold_lr"),

@@ -480,13 +480,14 @@ def test_default_learning_rate_follows_the_start_agreement(given, monkeypatch):
     monkeypatch.setattr(torch.optim, "AdamW", lambda groups: made.append(adamw(groups)) or made[-1])
     x, y = _data(16)
     chosen = set()
-    for convert_t, train_t in ((1, 1), (64, 64), (64, 1)):  # the last: measured at the T trained at
+    # the last: measured at the T trained at, on every batch of an epoch shorter than AGREEMENT_IMAGES
+    for convert_t, train_t, batch in ((1, 1, 16), (64, 64, 16), (64, 1, 4)):
         snn = _snn(T=convert_t)
-        with torch.no_grad():  # the first batch is all 16 images (in some order: agreement does not care)
+        with torch.no_grad():  # the first batches are all 16 images (in some order: agreement does not care)
             snn_top1 = TimeAveraged(snn.net, train_t)(x).argmax(-1)
             with analog_mode(snn.net, exact=True):
                 agreement = float((snn_top1 == snn.net(x).argmax(-1)).float().mean())
-        finetune(snn, (x, y), epochs=1, batch_size=16, timesteps=train_t, warmup=0.0, progress=False, **given)
+        finetune(snn, (x, y), epochs=1, batch_size=batch, timesteps=train_t, warmup=0.0, progress=False, **given)
         auto = default_lr(agreement)
         lr, threshold_lr = given.get("lr", auto), given.get("threshold_lr", given.get("lr", auto))
         report = snn.finetune_report
@@ -495,6 +496,18 @@ def test_default_learning_rate_follows_the_start_agreement(given, monkeypatch):
         assert report["start_agreement"] == (None if "lr" in given else pytest.approx(agreement))
         chosen.add(auto)
     assert chosen == {LR_MAX, LR_MIN}  # T=1 starts far from the ANN, T=64 at it
+
+
+@pytest.mark.parametrize("n, batch, sizes", [(1000, 64, [64] * 4), (1000, 100, [100] * 3), (1000, 512, [512]),
+                                             (100, 64, [64, 36]), (300, 200, [200, 100])])
+def test_the_start_agreement_is_measured_on_the_first_whole_batches_holding_256_images(n, batch, sizes):
+    from convert.finetune import AGREEMENT_IMAGES, _Batches, check_finetune_options, first_batches
+    assert AGREEMENT_IMAGES == 256
+    x, y = torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,))
+    got = first_batches((x, y), batch_size=batch, seed=3)
+    assert [len(b) for b in got] == sizes
+    trained = _Batches((x, y), check_finetune_options(1, dict(batch_size=batch, seed=3)), True).epoch(0, 0)
+    assert all(torch.equal(b, t[0]) for b, t in zip(got, trained))  # the batches training starts with
 
 
 @pytest.mark.parametrize("agreement", [0.0, 0.5, 0.79, 0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 1.0])
