@@ -150,8 +150,7 @@ def markdown_over_t(res: dict, command: str) -> str:
              f"on the same {res['steps'] * 64} training images, conf/finetune/bptt.yaml's settings otherwise. "
              f"Bold: the largest gain at that T. Last row: the SNN's top-1 agreement with the ANN on the first "
              f"256 training images, and the rate the default (finetune.lr=null) takes from it (5e-3 x the "
-             f"disagreement, within [1e-4, 1e-3]).",
-             *([f"({res['agreement_note']}.)"] if "agreement_note" in res else []), ""]
+             f"disagreement, within [1e-4, 1e-3]).", ""]
     for name, m in res["models"].items():
         best = {t: max(r[t]["after"]["top1"] - r[t]["before"]["top1"] for r in m["recipes"].values())
                 for t in map(str, ts)}
