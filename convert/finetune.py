@@ -61,8 +61,9 @@ from models.state import reset_net, set_step_mode
 # lr=None sets the weights' learning rate by how far the converted network starts from the ANN: with a the share
 # of the first training images (whole batches holding AGREEMENT_IMAGES) on which the SNN's top-1 is the ANN's,
 # lr = LR_PER_DISAGREEMENT * (1 - a) within [LR_MIN, LR_MAX] (LR_MAX below 80% agreement, LR_MIN from 98%): a
-# larger rate repairs a poor start but undoes a close one (at T=8, 150 steps at 1e-3 lost 0.4-2.3 pt on three models). Measured with `python -m
-# benchmarks.recipes --timesteps 1 2 4 8` on three models, and on ssa / a2os2a (BENCHMARKS.md)
+# larger rate repairs a poor start but undoes a close one (at T=8, 150 steps at 1e-3 lost 0.4-2.3 pt on three
+# models). Measured with `python -m benchmarks.recipes --timesteps 1 2 4 8` on three models, and on ssa / a2os2a
+# (BENCHMARKS.md)
 LR_MIN, LR_MAX, LR_PER_DISAGREEMENT = 1e-4, 1e-3, 5e-3
 # one batch of 64 measures a with a standard deviation of ~2.7 pt at a = 0.95 (+-1.4e-4 in lr); 256 images halve
 # it for the cost of ~1.5 training steps
