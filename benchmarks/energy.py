@@ -58,7 +58,8 @@ QUICK = {k: (v[0], (2, 4)) for k, v in GRID.items() if k in
 
 
 # fine-tuned points: recipe -> (grid variant, T, fine-tuning options on top of conf/finetune/bptt.yaml, epochs);
-# the rate is named (1e-3 was the default when these points were measured; lr null now picks 3e-4 there)
+# the rate is named (1e-3 was the default when these points were measured) but for 'defaults' (lr null: 4.5e-4
+# on vit_fmnist there)
 FINETUNED: Dict[str, tuple] = {
     "defaults": ("rate, signed IF L=1", 4, {}, 2),
     "lr 1e-3": ("rate, signed IF L=1", 4, dict(lr=1e-3), 2),
@@ -253,7 +254,8 @@ def markdown(res: dict, command: str) -> str:
         if m.get("finetuned"):
             lines += ["", f"Fine-tuned on {m['train_images']} training images (batch 64, one cosine schedule over "
                       "the recipe's epochs, conf/finetune/bptt.yaml plus the recipe's options, lr 1e-3 unless the "
-                      f"recipe names another or is the defaults: lr null, set by the start agreement), measured on the run's way; top-1 on {m['finetuned_images']} test "
+                      "recipe names another or is the defaults: lr null, set by the start agreement), measured on the "
+                      f"run's way; top-1 on {m['finetuned_images']} test "
                       "images (training-free: the conversion it starts from; drop: from the ANN on the same images), "
                       "energy on the first "
                       f"{res['energy_images']}; s: cumulative fine-tuning seconds. Points measured on other test "
