@@ -122,11 +122,11 @@ def first_batches(train_data, **options) -> List[torch.Tensor]:
     """The images (this rank's share) of the first batches ``finetune(snn, train_data, **options)`` trains on
     that hold AGREEMENT_IMAGES images, or of its whole first epoch if that is shorter: what lr=None measures."""
     o = check_finetune_options(1, options)
-    return _first_batches(_Batches(train_data, o, need_labels=False), o["batch_size"])
+    return _first_batches(_Batches(train_data, o, need_labels=False))
 
 
-def _first_batches(batches: "_Batches", batch_size: int) -> List[torch.Tensor]:
-    return [b[0] for b in itertools.islice(batches.epoch(0, 0), -(-AGREEMENT_IMAGES // batch_size))]
+def _first_batches(batches: "_Batches") -> List[torch.Tensor]:
+    return [b[0] for b in itertools.islice(batches.epoch(0, 0), -(-AGREEMENT_IMAGES // batches.batch_size))]
 
 
 class TimeAveraged(nn.Module):
@@ -283,7 +283,7 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
         if lr is None:  # the rate the run started with
             lr = resume_meta["options"].get("lr", LR_MAX)
     elif lr is None:
-        first = _first_batches(batches, o["batch_size"])
+        first = _first_batches(batches)
         check_images(snn.inputs, first[0])
         agreement = start_agreement(snn, first, T, o["seed"])
         lr = default_lr(agreement)
