@@ -52,6 +52,7 @@ from convert import schema
 from convert.checkpoint import CALIBRATED, load_training_state, save
 from convert.config import show_progress
 from convert.network import SpikingModel, check_images, check_timesteps
+from convert.resources import keep_freed_memory
 from models.distributed import all_reduce, is_main, rank, world_size
 from models.attention import SpikingSDPA
 from models.neurons import BaseNeuron, Surrogate
@@ -271,6 +272,8 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
         return snn
     T = check_timesteps(o["timesteps"] or snn.timesteps)
     device = next(snn.net.parameters()).device
+    if device.type == "cpu":
+        keep_freed_memory()
     batches = _Batches(train_data, o, need_labels=o["distill"] < 1)
     total = epochs * len(batches)
     teacher = _teacher(snn) if o["distill"] > 0 or o["feature_distill"] > 0 else None

@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from convert.resources import keep_freed_memory
 from models.state import run_steps
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for compile=True
@@ -90,6 +91,8 @@ class SpikingModel(nn.Module):
         T = check_timesteps(self.timesteps if timesteps is None else timesteps)
         check_images(self.inputs, x)
         x = x.to(next(self.net.parameters()).device)
+        if x.device.type == "cpu":
+            keep_freed_memory()
         if self.compiled:  # a wrapper per call, outside the module tree; torch keeps the compiled code between calls
             with _recompile_limits():
                 net = torch.compile(self.net, backend=COMPILE_BACKEND)

@@ -11,6 +11,8 @@ batch 64 and T=16 need 0.65-0.85x these estimates.
 """
 from __future__ import annotations
 
+import ctypes
+import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -18,6 +20,10 @@ from torch import nn
 
 BYTES = 4
 SAFETY = 0.9  # share of the available memory a run may plan to use
+# glibc's mallopt parameters (malloc.h) and the settings a user may have made through the environment
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+USER_MALLOC_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+_host_heap = {"decided": False, "kept": False}
 
 
 def activation_elements(model: nn.Module, inputs: Dict) -> Tuple[int, int]:
@@ -86,3 +92,30 @@ def check_memory(model: nn.Module, inputs: Dict, device: torch.device, what: str
                          f"step_mode={step_mode}{chunked}) but {limit / 2 ** 30:.1f} GiB are available on "
                          f"{device.type}: lower {hint}")
     return need
+
+
+def keep_freed_memory() -> bool:
+    """Keep freed host memory in the process for the next tensors (glibc: ``mallopt(M_MMAP_MAX, 0)``, large
+    blocks come from the heap instead of their own mapping, and ``mallopt(M_TRIM_THRESHOLD, -1)``, the heap is
+    never given back), as PyTorch's CUDA allocator does on a GPU.
+
+    By default glibc maps every block above its mmap threshold (32 MiB at most) on allocation and unmaps it on
+    free, so the kernel zeroes it page by page again at the next allocation: multi-step simulation of ViT-B/16
+    (batch 8, T=16, 310 MB per activation) took 3.9 million page faults and 10 s of system time per call, all of
+    its lead over step mode (BENCHMARKS.md, speed). The process then keeps its peak heap until it exits.
+    Decided once per process (the simulation and fine-tuning call it on the CPU); it changes nothing where the
+    user set glibc's malloc through the environment (GLIBC_TUNABLES=glibc.malloc.*, MALLOC_MMAP_MAX_, ...: the
+    way to opt out), where another allocator is preloaded (LD_PRELOAD of a jemalloc, tcmalloc or mimalloc) or off glibc. Returns whether it applies."""
+    if _host_heap["decided"]:
+        return _host_heap["kept"]
+    _host_heap["decided"] = True
+    user_set = any(os.environ.get(k) for k in USER_MALLOC_SETTINGS) or "glibc.malloc." in \
+        os.environ.get("GLIBC_TUNABLES", "") or "malloc" in os.environ.get("LD_PRELOAD", "")
+    try:
+        libc = ctypes.CDLL(None)
+        glibc = hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")
+    except OSError:
+        glibc = False
+    if glibc and not user_set:
+        _host_heap["kept"] = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
+    return _host_heap["kept"]

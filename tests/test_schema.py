@@ -3,6 +3,10 @@ with one line, exit status 2 and nothing written, within seconds, by the CLI and
 from __future__ import annotations
 
 import copy
+import os
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -165,6 +169,51 @@ def test_memory_estimate_names_the_need_and_the_limit(monkeypatch):
     with pytest.raises(ValueError, match=r"simulating the SNN needs about .* GiB .* available on cpu: lower "
                                          r"data.batch_size"):
         resources.check_memory(ann, inputs, torch.device("cpu"), "simulating the SNN", 8, 4, "s")
+
+
+FAULTS_AFTER_FREE = (  # 256 MB freed (a small tensor allocated after it stays), then 128 MB: page faults of the 128 MB
+    "import ctypes, resource, torch; from convert.resources import keep_freed_memory; kept = keep_freed_memory();"
+    "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt;"
+    "a = torch.ones(2 ** 26); small = torch.ones(16); del a; before = faults(); b = torch.ones(2 ** 25);"
+    "print(kept, faults() - before, hasattr(ctypes.CDLL(None), 'gnu_get_libc_version'))")
+
+
+@pytest.mark.parametrize("env", [{}, {"MALLOC_MMAP_THRESHOLD_": "131072"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"}])
+def test_freed_host_memory_is_reused_unless_the_user_set_malloc(env):
+    """keep_freed_memory: a 128 MB tensor allocated after a 256 MB one was freed reuses its pages (glibc), so the
+    kernel need not fault them in again; a user's own malloc setting is left alone (the allocation faults as
+    before: glibc maps a block that large on its own and unmaps it at free)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    res = subprocess.run([sys.executable, "-c", FAULTS_AFTER_FREE], capture_output=True, text=True,
+                         env={**base, **env}, cwd=ROOT)
+    kept, faults, glibc = res.stdout.split()
+    pages = 2 ** 27 // resource.getpagesize()
+    assert kept == str(glibc == "True" and not env)
+    if kept == "True":
+        assert int(faults) < pages // 100
+    elif glibc == "True":
+        assert int(faults) > pages // 2
+
+
+def test_cpu_simulation_and_finetuning_keep_freed_memory(monkeypatch):
+    from convert import convert, finetune, resources
+    from tests.conftest import build
+    calls = []
+    monkeypatch.setattr(resources, "_host_heap", {"decided": False, "kept": False})
+    cdll = resources.ctypes.CDLL
+    monkeypatch.setattr(resources.ctypes, "CDLL", lambda name: calls.append(name) or cdll(name))
+    for k in list(os.environ):
+        if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD"):
+            monkeypatch.delenv(k)
+    ann = build("cls_token")
+    snn = convert(ann, torch.randn(4, 3, 16, 16), timesteps=2, progress=False)
+    calls.clear()
+    snn.simulate(torch.randn(2, 3, 16, 16))
+    assert calls and resources._host_heap["decided"]
+    monkeypatch.setattr(resources, "_host_heap", {"decided": False, "kept": False})
+    finetune(snn, (torch.randn(4, 3, 16, 16), torch.randint(0, ann.num_classes, (4,))), batch_size=4, lr=1e-4, progress=False)
+    assert resources._host_heap["decided"]
 
 
 @pytest.mark.parametrize("call, message", [
