@@ -145,11 +145,13 @@ def device_peak_memory_mb(snn, x, mode: str, T: int) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def peak_memory_mb(name: str, batch: int, mode: str, T: int) -> float:
+def peak_memory_mb(name: str, batch: int, mode: str, T: int, kept: bool = False) -> float:
     """Peak memory (MB) of simulating T steps on the CPU above what the converted model holds: the peak
     resident size of a fresh process (VmHWM, reset after the conversion through /proc/self/clear_refs) minus
-    its resident size before the simulation. glibc's mmap threshold is fixed at 128 KiB there: its default
-    adapts to what was freed, which keeps some temporaries out of the resident size and not others."""
+    its resident size before the simulation. glibc's mmap threshold is fixed at 128 KiB there (so the freed
+    memory is not kept: convert.resources.keep_freed_memory stands aside): its default adapts to what was freed,
+    which keeps some temporaries out of the resident size and not others. ``kept``: glibc as a default process
+    has it, with freed memory kept for reuse (the heap's peak, fragments included)."""
     step_mode, chunk = split_mode(mode)
     code = ("import re, torch; from benchmarks.speed import model_and_images; from convert import convert;"
             "kb = lambda key: int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1));"
@@ -157,7 +159,7 @@ def peak_memory_mb(name: str, batch: int, mode: str, T: int) -> float:
             f"snn = convert(ann, x[:2], timesteps={T}, step_mode={step_mode!r}, chunk={chunk!r}, progress=False);"
             "open('/proc/self/clear_refs', 'w').write('5'); base = kb('VmRSS'); snn.simulate(x);"
             "print((kb('VmHWM') - base) / 1024)")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    env = {**os.environ} if kept else {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if res.returncode:
         raise RuntimeError(f"memory probe for {name} failed:\n{res.stderr[-2000:]}")

@@ -52,7 +52,7 @@ from convert import schema
 from convert.checkpoint import CALIBRATED, load_training_state, save
 from convert.config import show_progress
 from convert.network import SpikingModel, check_images, check_timesteps
-from convert.resources import keep_freed_memory
+from convert.resources import freed_memory_reused
 from models.distributed import all_reduce, is_main, rank, world_size
 from models.attention import SpikingSDPA
 from models.neurons import BaseNeuron, Surrogate
@@ -272,8 +272,6 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
         return snn
     T = check_timesteps(o["timesteps"] or snn.timesteps)
     device = next(snn.net.parameters()).device
-    if device.type == "cpu":
-        keep_freed_memory()
     batches = _Batches(train_data, o, need_labels=o["distill"] < 1)
     total = epochs * len(batches)
     teacher = _teacher(snn) if o["distill"] > 0 or o["feature_distill"] > 0 else None
@@ -334,44 +332,47 @@ def finetune(snn: SpikingModel, train_data, epochs: int = 1, **options) -> Spiki
     snn.net.train()
     for n in neurons:
         n.surrogate = surrogate
-    try:
-        for epoch in range(resume_meta["epoch"], epochs):
-            skip = resume_meta["batch"] if epoch == resume_meta["epoch"] else 0
-            stats = history[epoch] if skip and epoch < len(history) else {"loss": 0.0, "correct": 0, "images": 0}
-            history = history[:epoch] + [stats]
-            bar = tqdm(batches.epoch(epoch, skip), total=len(batches), initial=skip, disable=not show_progress(o["progress"]),
-                       desc=f"fine-tuning T={T} epoch {epoch + 1}/{epochs}", unit="batch", leave=False)
-            for b, (images, labels) in enumerate(bar, start=skip):
-                if blend is not None:
-                    blend.set(min(1.0, step / (o["blend"] * total)))
-                loss, correct = _train_step(snn, objective, optimizer, thresholds, teacher, images, labels, device,
-                                            o, _schedule(step, total, o["warmup"]), meter, taps)
-                step += 1
-                stats["loss"] += loss * len(images)
-                stats["images"] += len(images)
-                stats["correct"] += correct
-                bar.set_postfix(loss=f"{stats['loss'] / stats['images']:.4f}",
-                                acc=f"{100 * stats['correct'] / stats['images']:.1f}%")
-                position = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
-                due = step in (total, o["max_steps"]) or (o["checkpoint_every"] and step % o["checkpoint_every"] == 0)
-                if o["checkpoint_path"] and is_main() and due:
-                    report = _report(o, epochs, step, total, history, T, elapsed + time.time() - start)
-                    _write_checkpoint(snn, optimizer, o, epochs, step, position, history, report, origin)
+    with freed_memory_reused(device):  # the CPU's freed memory kept from step to step, given back at the end
+        try:
+            for epoch in range(resume_meta["epoch"], epochs):
+                skip = resume_meta["batch"] if epoch == resume_meta["epoch"] else 0
+                stats = history[epoch] if skip and epoch < len(history) else {"loss": 0.0, "correct": 0, "images": 0}
+                history = history[:epoch] + [stats]
+                bar = tqdm(batches.epoch(epoch, skip), total=len(batches), initial=skip,
+                           disable=not show_progress(o["progress"]),
+                           desc=f"fine-tuning T={T} epoch {epoch + 1}/{epochs}", unit="batch", leave=False)
+                for b, (images, labels) in enumerate(bar, start=skip):
+                    if blend is not None:
+                        blend.set(min(1.0, step / (o["blend"] * total)))
+                    loss, correct = _train_step(snn, objective, optimizer, thresholds, teacher, images, labels, device,
+                                                o, _schedule(step, total, o["warmup"]), meter, taps)
+                    step += 1
+                    stats["loss"] += loss * len(images)
+                    stats["images"] += len(images)
+                    stats["correct"] += correct
+                    bar.set_postfix(loss=f"{stats['loss'] / stats['images']:.4f}",
+                                    acc=f"{100 * stats['correct'] / stats['images']:.1f}%")
+                    position = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
+                    due = step in (total, o["max_steps"]) or \
+                        (o["checkpoint_every"] and step % o["checkpoint_every"] == 0)
+                    if o["checkpoint_path"] and is_main() and due:
+                        report = _report(o, epochs, step, total, history, T, elapsed + time.time() - start)
+                        _write_checkpoint(snn, optimizer, o, epochs, step, position, history, report, origin)
+                    if step == o["max_steps"]:
+                        break
                 if step == o["max_steps"]:
                     break
-            if step == o["max_steps"]:
-                break
-    finally:
-        for hooks in (meter, blend) + (taps or ()):
-            if hooks is not None:
-                hooks.remove()
-        for n in neurons:
-            n.surrogate = None
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        snn.net.eval()
-        reset_net(snn.net)
-        set_step_mode(snn.net, snn.step_mode)
+        finally:
+            for hooks in (meter, blend) + (taps or ()):
+                if hooks is not None:
+                    hooks.remove()
+            for n in neurons:
+                n.surrogate = None
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+            snn.net.eval()
+            reset_net(snn.net)
+            set_step_mode(snn.net, snn.step_mode)
     snn.finetune_report = {**_report(o, epochs, step, total, history, T, elapsed + time.time() - start),
                            "start_agreement": agreement}
     return snn

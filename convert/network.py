@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from convert.resources import keep_freed_memory
+from convert.resources import freed_memory_reused
 from models.state import run_steps
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for compile=True
@@ -91,14 +91,13 @@ class SpikingModel(nn.Module):
         T = check_timesteps(self.timesteps if timesteps is None else timesteps)
         check_images(self.inputs, x)
         x = x.to(next(self.net.parameters()).device)
-        if x.device.type == "cpu":
-            keep_freed_memory()
-        if self.compiled:  # a wrapper per call, outside the module tree; torch keeps the compiled code between calls
-            with _recompile_limits():
-                net = torch.compile(self.net, backend=COMPILE_BACKEND)
-                out = run_steps(net, x, T, self.step_mode, chunk=self.chunk)
-        else:
-            out = run_steps(self.net, x, T, self.step_mode, chunk=self.chunk)
+        with freed_memory_reused(x.device):
+            if self.compiled:  # a wrapper per call, outside the module tree; torch keeps the compiled code
+                with _recompile_limits():
+                    net = torch.compile(self.net, backend=COMPILE_BACKEND)
+                    out = run_steps(net, x, T, self.step_mode, chunk=self.chunk)
+            else:
+                out = run_steps(self.net, x, T, self.step_mode, chunk=self.chunk)
         steps = torch.arange(1, T + 1, dtype=out.dtype, device=out.device).reshape(-1, *([1] * (out.dim() - 1)))
         return torch.cumsum(out, 0) / steps
 

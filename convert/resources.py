@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from contextlib import contextmanager
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -23,7 +24,7 @@ SAFETY = 0.9  # share of the available memory a run may plan to use
 # glibc's mallopt parameters (malloc.h) and the settings a user may have made through the environment
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 USER_MALLOC_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
-_host_heap = {"decided": False, "kept": False}
+_host_heap = {"decided": False, "kept": False, "libc": None}
 
 
 def activation_elements(model: nn.Module, inputs: Dict) -> Tuple[int, int]:
@@ -94,18 +95,33 @@ def check_memory(model: nn.Module, inputs: Dict, device: torch.device, what: str
     return need
 
 
+@contextmanager
+def freed_memory_reused(device: torch.device):
+    """On the CPU: freed host memory is kept for the next tensors within the block (``keep_freed_memory``), and
+    at its end the free pages go back to the system (glibc's ``malloc_trim``), so that between simulations a
+    process holds its live tensors only, not the largest heap any call needed."""
+    kept = device.type == "cpu" and keep_freed_memory()
+    try:
+        yield
+    finally:
+        if kept:
+            _host_heap["libc"].malloc_trim(0)
+
+
 def keep_freed_memory() -> bool:
     """Keep freed host memory in the process for the next tensors (glibc: ``mallopt(M_MMAP_MAX, 0)``, large
     blocks come from the heap instead of their own mapping, and ``mallopt(M_TRIM_THRESHOLD, -1)``, the heap is
-    never given back), as PyTorch's CUDA allocator does on a GPU.
+    only given back by ``malloc_trim``), as PyTorch's CUDA allocator does on a GPU.
 
     By default glibc maps every block above its mmap threshold (32 MiB at most) on allocation and unmaps it on
     free, so the kernel zeroes it page by page again at the next allocation: multi-step simulation of ViT-B/16
-    (batch 8, T=16, 310 MB per activation) took 3.9 million page faults and 10 s of system time per call, all of
-    its lead over step mode (BENCHMARKS.md, speed). The process then keeps its peak heap until it exits.
-    Decided once per process (the simulation and fine-tuning call it on the CPU); it changes nothing where the
-    user set glibc's malloc through the environment (GLIBC_TUNABLES=glibc.malloc.*, MALLOC_MMAP_MAX_, ...: the
-    way to opt out), where another allocator is preloaded (LD_PRELOAD of a jemalloc, tcmalloc or mimalloc) or off glibc. Returns whether it applies."""
+    (batch 8, T=16, 310 MB per activation) took 3.9 million page faults and 10 s of system time per call, which
+    made it slower than step mode (BENCHMARKS.md, speed). The cost: the heap keeps the fragments the reuse
+    leaves (that simulation's peak: 1.96 GB instead of 1.35 GB, as high as step mode's) until ``malloc_trim``.
+    Decided once per process (``freed_memory_reused`` calls it); it changes nothing where the user set glibc's
+    malloc through the environment (GLIBC_TUNABLES=glibc.malloc.*, MALLOC_MMAP_THRESHOLD_, ...: the way to opt
+    out), where an allocator is preloaded (LD_PRELOAD of jemalloc, tcmalloc, mimalloc) or off glibc. Returns
+    whether it applies."""
     if _host_heap["decided"]:
         return _host_heap["kept"]
     _host_heap["decided"] = True
@@ -113,9 +129,10 @@ def keep_freed_memory() -> bool:
         os.environ.get("GLIBC_TUNABLES", "") or "malloc" in os.environ.get("LD_PRELOAD", "")
     try:
         libc = ctypes.CDLL(None)
-        glibc = hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")
-    except OSError:
+        glibc = all(hasattr(libc, f) for f in ("gnu_get_libc_version", "mallopt", "malloc_trim"))
+    except (OSError, TypeError):  # no C library to open by name None (Windows)
         glibc = False
     if glibc and not user_set:
+        _host_heap["libc"] = libc
         _host_heap["kept"] = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
     return _host_heap["kept"]

@@ -168,6 +168,11 @@ MUTATIONS: List[Mutation] = [
     Mutation("block-output-term-dropped", "convert/finetune.py",
              'loss = loss + o["feature_distill"] * feature_loss(', 'loss = loss + 0 * feature_loss(',
              ("tests/test_variants.py::-k feature_distillation",)),
+    Mutation("freed-memory-unmapped-again", "convert/resources.py",
+             "bool(libc.mallopt(M_MMAP_MAX, 0)) and ", "",
+             ("tests/test_schema.py::-k freed_host_memory",)),
+    Mutation("freed-memory-never-given-back", "convert/resources.py", '_host_heap["libc"].malloc_trim(0)', "None",
+             ("tests/test_schema.py::-k freed_host_memory",)),
 ]
 
 

@@ -171,32 +171,39 @@ def test_memory_estimate_names_the_need_and_the_limit(monkeypatch):
         resources.check_memory(ann, inputs, torch.device("cpu"), "simulating the SNN", 8, 4, "s")
 
 
-FAULTS_AFTER_FREE = (  # 256 MB freed (a small tensor allocated after it stays), then 128 MB: page faults of the 128 MB
-    "import ctypes, resource, torch; from convert.resources import keep_freed_memory; kept = keep_freed_memory();"
+FREED_MEMORY = (  # inside the block: 256 MB freed (a small tensor allocated after it stays), then 128 MB
+    "import ctypes, resource, torch; from convert import resources;"
     "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt;"
-    "a = torch.ones(2 ** 26); small = torch.ones(16); del a; before = faults(); b = torch.ones(2 ** 25);"
-    "print(kept, faults() - before, hasattr(ctypes.CDLL(None), 'gnu_get_libc_version'))")
+    "glibc = hasattr(ctypes.CDLL(None), 'gnu_get_libc_version');"
+    "rss = lambda: int(open('/proc/self/statm').read().split()[1]) if glibc else 0\n"
+    "with resources.freed_memory_reused(torch.device('cpu')):\n"
+    "    a = torch.ones(2 ** 26); small = torch.ones(16); del a; before = faults(); b = torch.ones(2 ** 25)\n"
+    "    faulted = faults() - before; del b; inside = rss()\n"
+    "print(resources.keep_freed_memory(), faulted, inside - rss(), glibc)")
 
 
 @pytest.mark.parametrize("env", [{}, {"MALLOC_MMAP_THRESHOLD_": "131072"},
                                  {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"}])
 def test_freed_host_memory_is_reused_unless_the_user_set_malloc(env):
-    """keep_freed_memory: a 128 MB tensor allocated after a 256 MB one was freed reuses its pages (glibc), so the
-    kernel need not fault them in again; a user's own malloc setting is left alone (the allocation faults as
-    before: glibc maps a block that large on its own and unmaps it at free)."""
+    """freed_memory_reused: a 128 MB tensor allocated after a 256 MB one was freed reuses its pages (glibc), so
+    the kernel need not fault them in again, and the free pages go back to the system at the block's end; a
+    user's own malloc setting is left alone (the allocation faults as before: glibc maps a block that large on
+    its own and unmaps it at free)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    res = subprocess.run([sys.executable, "-c", FAULTS_AFTER_FREE], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", FREED_MEMORY], capture_output=True, text=True,
                          env={**base, **env}, cwd=ROOT)
-    kept, faults, glibc = res.stdout.split()
+    kept, faults, released, glibc = res.stdout.split()
     pages = 2 ** 27 // resource.getpagesize()
-    assert kept == str(glibc == "True" and not env)
+    assert kept == str(glibc == "True" and not env), res.stderr[-2000:]
     if kept == "True":
         assert int(faults) < pages // 100
+        assert int(released) > pages  # the 256 MB kept inside the block, given back at its end
     elif glibc == "True":
         assert int(faults) > pages // 2
 
 
 def test_cpu_simulation_and_finetuning_keep_freed_memory(monkeypatch):
+    """Simulating on the CPU, and fine-tuning there, decide keep_freed_memory (through glibc's library)."""
     from convert import convert, finetune, resources
     from tests.conftest import build
     calls = []
@@ -212,7 +219,8 @@ def test_cpu_simulation_and_finetuning_keep_freed_memory(monkeypatch):
     snn.simulate(torch.randn(2, 3, 16, 16))
     assert calls and resources._host_heap["decided"]
     monkeypatch.setattr(resources, "_host_heap", {"decided": False, "kept": False})
-    finetune(snn, (torch.randn(4, 3, 16, 16), torch.randint(0, ann.num_classes, (4,))), batch_size=4, lr=1e-4, progress=False)
+    finetune(snn, (torch.randn(4, 3, 16, 16), torch.randint(0, ann.num_classes, (4,))), batch_size=4, lr=1e-4,
+             progress=False)
     assert resources._host_heap["decided"]
 
 
