@@ -117,7 +117,7 @@ def keep_freed_memory() -> bool:
     free, so the kernel zeroes it page by page again at the next allocation: multi-step simulation of ViT-B/16
     (batch 8, T=16, 310 MB per activation) took 3.9 million page faults and 10 s of system time per call, which
     made it slower than step mode (BENCHMARKS.md, speed). The cost: the heap keeps the fragments the reuse
-    leaves (that simulation's peak: 1.96 GB instead of 1.35 GB, as high as step mode's) until ``malloc_trim``.
+    leaves (that simulation's peak: 1.8-2.0 GB instead of 1.35-1.45 GB, about step mode's) until ``malloc_trim``.
     Decided once per process (``freed_memory_reused`` calls it); it changes nothing where the user set glibc's
     malloc through the environment (GLIBC_TUNABLES=glibc.malloc.*, MALLOC_MMAP_THRESHOLD_, ...: the way to opt
     out), where an allocator is preloaded (LD_PRELOAD of jemalloc, tcmalloc, mimalloc) or off glibc. Returns
