@@ -25,8 +25,8 @@ from models.state import StatefulModule
 
 def _accumulate(total: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """total + x; in place (on an owned copy) unless autograd needs the previous total."""
-    if total is None:
-        return x.clone()  # owned: a later in-place change of the input must not reach the sum
+    if total is None:  # owned: a later in-place change of the input must not reach the sum; contiguous, so that
+        return x.clone(memory_format=torch.contiguous_format)  # a product of sums (matmul) copies none per step
     return total + x if torch.is_grad_enabled() and (total.requires_grad or x.requires_grad) else total.add_(x)
 
 
@@ -53,10 +53,35 @@ def _difference(cur: torch.Tensor, prev: torch.Tensor, reuse: bool) -> torch.Ten
 
 
 def _running_sums(xs: torch.Tensor, before: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[T, B, ...] -> S(t) = before + x(1) + ... + x(t), summed in that order (``before``: a carried sum)."""
+    """[T, B, ...] -> S(t) = S(t - 1) + x(t), S(0) = ``before`` (a carried sum) or 0: one float addition per step,
+    in step mode's order, so the sums are bitwise step mode's (torch.cumsum accumulates in double on the CPU,
+    which rounds differently, and is slower along the leading axis). Under autograd: ``RunningSums``."""
+    if torch.is_grad_enabled() and (xs.requires_grad or (before is not None and before.requires_grad)):
+        return RunningSums.apply(xs, before)
+    sums = xs.clone(memory_format=torch.contiguous_format)  # owned: the in-place additions below write to it
     if before is not None:
-        xs = torch.cat([(before + xs[0]).unsqueeze(0), xs[1:]])
-    return torch.cumsum(xs, dim=0)
+        sums[0].add_(before)
+    for t in range(1, sums.shape[0]):
+        sums[t].add_(sums[t - 1])
+    return sums
+
+
+class RunningSums(torch.autograd.Function):
+    """``_running_sums`` with its gradient in closed form: dL/dx(t) = sum_{s >= t} dL/dS(s) (a running sum from
+    the last step back), dL/dS(0) = dL/dx(1)."""
+
+    @staticmethod
+    def forward(ctx, xs: torch.Tensor, before: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.carried = before is not None
+        with torch.no_grad():
+            return _running_sums(xs, before)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        for t in range(grad.shape[0] - 2, -1, -1):
+            grad[t].add_(grad[t + 1])
+        return grad, (grad[0].clone() if ctx.carried else None)
 
 
 def _step_differences(totals: torch.Tensor, before=None) -> torch.Tensor:

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from convert.rewrite import ACTIVATIONS
-from models.ecm import ExpectationCompensation, SpikeProduct
+from models.ecm import ExpectationCompensation, SpikeProduct, _accumulate, _running_sums
 from models.state import reset_net, set_step_mode
 
 FUNCTIONS = {
@@ -68,3 +68,34 @@ def test_first_step_is_exactly_f():
     fn = nn.GELU()
     x = torch.randn(5, 6)
     assert torch.equal(ExpectationCompensation(fn)(x), fn(x))
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 9), shape=st.lists(st.integers(1, 5), min_size=1, max_size=3), carried=st.booleans(),
+       transposed=st.booleans(), grad=st.booleans(), seed=st.integers(0, 10_000))
+def test_multi_step_running_sums_are_bitwise_step_modes(T, shape, carried, transposed, grad, seed):
+    """S(t) of a multi-step call (one addition per step) is bitwise the step-mode accumulation, with and
+    without autograd, from a carried sum or from zero, for strided inputs too; the input is left unchanged."""
+    gen = torch.Generator().manual_seed(seed)
+    xs = torch.randn(T, *shape, generator=gen) * 10 ** torch.randint(-3, 4, (T, *shape), generator=gen)
+    if transposed and len(shape) > 1:
+        xs = xs.transpose(-1, -2)
+    before = torch.randn(xs.shape[1:], generator=gen) if carried else None
+    given_xs = xs.clone()
+    total, steps = before, []
+    for x in xs:
+        total = _accumulate(None if total is None else total.clone(), x)
+        steps.append(total.clone())
+    with torch.set_grad_enabled(grad):
+        sums = _running_sums(xs.requires_grad_(grad), before)
+    assert torch.equal(sums.detach(), torch.stack(steps))
+    assert torch.equal(xs.detach(), given_xs)
+
+
+@pytest.mark.parametrize("carried", [False, True])
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_running_sums_gradient_is_the_sums_gradient(T, carried):
+    gen = torch.Generator().manual_seed(T)
+    xs = torch.randn(T, 2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    before = torch.randn(2, 3, generator=gen, dtype=torch.float64, requires_grad=True) if carried else None
+    assert torch.autograd.gradcheck(_running_sums, (xs, before))
