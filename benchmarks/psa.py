@@ -1,7 +1,7 @@
 """psa (EST's partial-information attention), training-free: accuracy vs mask_p vs the attention's SOPs, for
 EST's masks (Q, K and the attention map, Bernoulli at every step) with and without dividing the masked products
-by 1 - mask_p, and for masks on Q and K only, random or evenly spread, or on Q alone (``MASKS``). Writes its section of
-BENCHMARKS.md; a run on some ``--models`` keeps the saved results of the others.
+by 1 - mask_p, and for masks on Q and K only, random or evenly spread, or on Q alone (``MASKS``). Writes its
+section of BENCHMARKS.md; a run on some ``--models`` keeps the saved results of the others.
 
     python -m benchmarks.psa [--models vit_fmnist] [--timesteps 4 8] [--eval-images 2000]
     python -m benchmarks.psa --quick     # 300 test images, T=4, mask_p 0.25
@@ -83,8 +83,8 @@ def markdown(res: dict, command: str) -> str:
              f"On {res['machine']}: top-1 at step T on the test images each model's run names, "
              "SOPs and energy on 64. Masks: EST's on Q, K and the attention map A, Bernoulli(1 - mask_p) at "
              "every step; `rescaled`: `attention.mask_rescale=true` (the masked products divided by 1 - mask_p; EST "
-             "does not rescale); `Q, K`: `attention.mask_operands=q+k`; `Q`: `attention.mask_operands=q`; `even`: `attention.mask_schedule=even` (each "
-             "element dropped at an evenly spaced share mask_p of the steps). SOPs and energy relative to ecm's at "
+             "does not rescale); `Q, K`: `attention.mask_operands=q+k`; `Q`: `attention.mask_operands=q`; `even`: "
+             "`attention.mask_schedule=even` (each element dropped at an evenly spaced share mask_p of the steps). SOPs and energy relative to ecm's at "
              "the same T.", ""]
     for name, m in res["models"].items():
         lines += [f"### {name} (ANN {m['ann_top1']:.2f}%)", "",

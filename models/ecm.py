@@ -59,7 +59,10 @@ def _running_sums(xs: torch.Tensor, before: Optional[torch.Tensor] = None) -> to
     if torch.is_grad_enabled() and (xs.requires_grad or (before is not None and before.requires_grad)):
         return RunningSums.apply(xs, before)
     sums = torch.empty(xs.shape, dtype=xs.dtype, device=xs.device)
-    torch.add(xs[0], before, out=sums[0]) if before is not None else sums[0].copy_(xs[0])
+    if before is None:
+        sums[0].copy_(xs[0])
+    else:
+        torch.add(xs[0], before, out=sums[0])
     for t in range(1, sums.shape[0]):
         torch.add(sums[t - 1], xs[t], out=sums[t])
     return sums

@@ -169,7 +169,7 @@ MUTATIONS: List[Mutation] = [
              'loss = loss + o["feature_distill"] * feature_loss(', 'loss = loss + 0 * feature_loss(',
              ("tests/test_variants.py::-k feature_distillation",)),
     Mutation("running-sums-drop-carried-sum", "models/ecm.py",
-             "torch.add(xs[0], before, out=sums[0]) if before is not None else ", "",
+             "torch.add(xs[0], before, out=sums[0])", "sums[0].copy_(xs[0])",
              ("tests/test_ecm.py::-k running_sums",), quick=True),
     Mutation("running-sums-accumulate-in-double", "models/ecm.py",
              "        torch.add(sums[t - 1], xs[t], out=sums[t])\n    return sums\n",
