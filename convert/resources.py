@@ -24,7 +24,7 @@ SAFETY = 0.9  # share of the available memory a run may plan to use
 # glibc's mallopt parameters (malloc.h) and the settings a user may have made through the environment
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 USER_MALLOC_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
-_host_heap = {"decided": False, "kept": False, "libc": None}
+_host_heap = {"decided": False, "libc": None}  # libc: glibc, once it keeps freed memory
 
 
 def activation_elements(model: nn.Module, inputs: Dict) -> Tuple[int, int]:
@@ -123,7 +123,7 @@ def keep_freed_memory() -> bool:
     out), where an allocator is preloaded (LD_PRELOAD of jemalloc, tcmalloc, mimalloc) or off glibc. Returns
     whether it applies."""
     if _host_heap["decided"]:
-        return _host_heap["kept"]
+        return _host_heap["libc"] is not None
     _host_heap["decided"] = True
     user_set = any(os.environ.get(k) for k in USER_MALLOC_SETTINGS) or "glibc.malloc." in \
         os.environ.get("GLIBC_TUNABLES", "") or "malloc" in os.environ.get("LD_PRELOAD", "")
@@ -132,7 +132,6 @@ def keep_freed_memory() -> bool:
         glibc = all(hasattr(libc, f) for f in ("gnu_get_libc_version", "mallopt", "malloc_trim"))
     except (OSError, TypeError):  # no C library to open by name None (Windows)
         glibc = False
-    if glibc and not user_set:
+    if glibc and not user_set and libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, -1):
         _host_heap["libc"] = libc
-        _host_heap["kept"] = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))
-    return _host_heap["kept"]
+    return _host_heap["libc"] is not None

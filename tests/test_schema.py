@@ -207,7 +207,7 @@ def test_cpu_simulation_and_finetuning_keep_freed_memory(monkeypatch):
     from convert import convert, finetune, resources
     from tests.conftest import build
     calls = []
-    monkeypatch.setattr(resources, "_host_heap", {"decided": False, "kept": False})
+    monkeypatch.setattr(resources, "_host_heap", {"decided": False, "libc": None})
     cdll = resources.ctypes.CDLL
     monkeypatch.setattr(resources.ctypes, "CDLL", lambda name: calls.append(name) or cdll(name))
     for k in list(os.environ):
@@ -218,7 +218,7 @@ def test_cpu_simulation_and_finetuning_keep_freed_memory(monkeypatch):
     calls.clear()
     snn.simulate(torch.randn(2, 3, 16, 16))
     assert calls and resources._host_heap["decided"]
-    monkeypatch.setattr(resources, "_host_heap", {"decided": False, "kept": False})
+    monkeypatch.setattr(resources, "_host_heap", {"decided": False, "libc": None})
     finetune(snn, (torch.randn(4, 3, 16, 16), torch.randint(0, ann.num_classes, (4,))), batch_size=4, lr=1e-4,
              progress=False)
     assert resources._host_heap["decided"]
