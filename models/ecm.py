@@ -12,6 +12,9 @@ is a constant passed through). ``op`` is any bilinear operation (matmul, element
 product, einsum). At t = 1 both are exactly f(x) and op(A, B). The product's increment
 expands into spike-driven terms a(t) S_B(t-1) + S_A(t-1) b(t) + a(t) b(t), minus a
 rescaling of the previous product; it is computed here in the equivalent closed form.
+
+A multi-step call without autograd on CPU float32 tensors computes the running means and the step differences
+in fused C loops (models.native: one pass each instead of two), bitwise the eager path's values.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import nn
 
+from models import kernels, native
 from models.state import StatefulModule
 
 
@@ -100,6 +104,25 @@ def _step_differences(totals: torch.Tensor, before=None) -> torch.Tensor:
     return totals
 
 
+def _running_means(xs: torch.Tensor, before: Optional[torch.Tensor], t: torch.Tensor, t0: int, keep_last: bool):
+    """(S(t) / t for the steps of ``xs`` [T, B, ...] from the carried sum ``before``, S(T) where ``keep_last``):
+    one pass of the C kernel where it runs (models.native), else the running sums then one division."""
+    if kernels.cpu_usable(xs):
+        return native.running_sums(xs, before, t0, divide=True, keep_last=keep_last)
+    sums = _running_sums(xs, before)
+    last = sums[-1].clone() if keep_last else None  # before the division overwrites it
+    return _divided(sums, t), last
+
+
+def _compensated(totals: torch.Tensor, before: Optional[torch.Tensor], t: torch.Tensor, t0: int,
+                 divide: bool) -> torch.Tensor:
+    """The increments z(t) - z(t-1) of z(t) = totals(t) * t (or / t with ``divide``) after the carried z
+    ``before``: one in-place pass of the C kernel where it runs, else the scaling then ``_step_differences``."""
+    if kernels.cpu_usable(totals):
+        return native.step_differences(totals, before, t0, divide)
+    return _step_differences(_divided(totals, t) if divide else _scaled(totals, t), before)
+
+
 class Method:
     """``Method("softmax")(x, -1)`` is ``x.softmax(-1)``: a traced tensor method as a plain callable."""
 
@@ -156,18 +179,21 @@ class ExpectationCompensation(StatefulModule):
         t0 = self.t
         first = self.unfold(args[self.streams[0]])
         t = self.step_index(first) + t0
-        sums = [_running_sums(self.unfold(args[i]), s)
-                for i, s in zip(self.streams, self.sums or [None] * len(self.streams))]
-        last_sums = [s[-1].clone() for s in sums] if self.carry else None  # before the means overwrite them
-        out = self.fn(*self._means(args, [self.fold(_divided(s, t)) for s in sums]), **kwargs)
-        totals = _map(lambda y: _scaled(self.unfold(y), self.step_index(self.unfold(y)) + t0), out)
+        means, last_sums = zip(*(_running_means(self.unfold(args[i]), s, t, t0, self.carry)
+                                 for i, s in zip(self.streams, self.sums or [None] * len(self.streams))))
+        out = self.fn(*self._means(args, [self.fold(m) for m in means]), **kwargs)
         before = self.total
         if self.carry:  # the state a next call continues from: the last step's sums and total
-            self.t, self.sums = t0 + first.shape[0], last_sums
-            self.total = _map(lambda y: y[-1].clone(), totals)
-        if isinstance(totals, tuple):
-            return tuple(self.fold(_step_differences(y, b)) for y, b in zip(totals, before or [None] * len(totals)))
-        return self.fold(_step_differences(totals, before))
+            self.t, self.sums = t0 + first.shape[0], list(last_sums)
+            self.total = _map(lambda y: self.unfold(y)[-1] * (t0 + first.shape[0]), out)
+        if isinstance(out, tuple):
+            return tuple(self._increments(y, b, t0) for y, b in zip(out, before or [None] * len(out)))
+        return self._increments(out, before, t0)
+
+    def _increments(self, y: torch.Tensor, before: Optional[torch.Tensor], t0: int) -> torch.Tensor:
+        """t f(m(t)) - (t-1) f(m(t-1)) from the outputs f(m(t)) of a call (folded) and the carried total."""
+        y = self.unfold(y)
+        return self.fold(_compensated(y, before, self.step_index(y) + t0, t0, divide=False))
 
     def extra_repr(self) -> str:
         fn = "" if isinstance(self.fn, nn.Module) else f"fn={self.fn!r}, "
@@ -200,15 +226,21 @@ class SpikeProduct(StatefulModule):
     def multi_step(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if not self.carried():
             self.reset()
-        sa = _running_sums(self.unfold(a), self.sum_a)
-        sb = _running_sums(self.unfold(b), self.sum_b)
-        cur = self.unfold(self.op(self.fold(sa), self.fold(sb)))
-        cur = _divided(cur, self.step_index(cur) + self.t)
-        before = self.prev
+        sa = self._sums(self.unfold(a), self.sum_a)
+        sb = self._sums(self.unfold(b), self.sum_b)
+        products = self.unfold(self.op(self.fold(sa), self.fold(sb)))
+        t0, before = self.t, self.prev
         if self.carry:  # the state a next call continues from
-            self.t, self.sum_a, self.sum_b = self.t + cur.shape[0], sa[-1].clone(), sb[-1].clone()
-            self.prev = cur[-1].clone()
-        return self.fold(_step_differences(cur, before))
+            self.t, self.sum_a, self.sum_b = t0 + products.shape[0], sa[-1].clone(), sb[-1].clone()
+            self.prev = products[-1] / self.t
+        out = _compensated(products, before, self.step_index(products) + t0, t0, divide=True)
+        return self.fold(out)
+
+    @staticmethod
+    def _sums(xs: torch.Tensor, before: Optional[torch.Tensor]) -> torch.Tensor:
+        if kernels.cpu_usable(xs):
+            return native.running_sums(xs, before, 0, divide=False, keep_last=False)[0]
+        return _running_sums(xs, before)
 
     def extra_repr(self) -> str:
         return f"op={getattr(self.op, '__name__', self.op)!r}, {super().extra_repr()}"

@@ -1,16 +1,17 @@
-"""Fused Triton kernels for the integrate-and-fire update on CUDA (inference: rate coding, no autograd).
+"""Fused kernels for the integrate-and-fire update (inference: rate coding, no autograd): Triton on CUDA, a C
+loop on the CPU (``models.native``).
 
 One pass per step instead of five element-wise kernels (addcdiv, floor, clamp, sub, mul)::
 
     u <- u + x / theta   (first step: x / theta + v_init);  k = clamp(floor(u), lo, hi);  u <- u - k;  out = k theta
 
 ``if_sequence`` runs all T steps of a multi-step call in one kernel (a step-mode call is a sequence of one),
-the membrane held in registers: each step reads x(t) and writes out(t), nothing else. Every operation is IEEE
-float32 with round-to-nearest (division included) in the eager path's order, so outputs are bitwise those of
-the eager path (tests/test_fused.py runs the kernel through Triton's interpreter on the CPU, and on CUDA where
-there is one; benchmarks.speed compares whole simulations on a GPU). Anything else (other neurons, differential
-coding, autograd, dtypes other than float32, CPU tensors, small single steps: SINGLE_STEP_MIN_ELEMENTS) keeps
-the eager path.
+the membrane held in registers (Triton) or in the L1 cache (C): each step reads x(t) and writes out(t), nothing
+else. Every operation is IEEE float32 with round-to-nearest (division included) in the eager path's order, so
+outputs are bitwise those of the eager path (tests/test_fused.py runs the Triton kernel through Triton's
+interpreter on the CPU, the C kernel, and the Triton kernel on CUDA where there is one; benchmarks.speed compares
+whole simulations). Anything else (other neurons, differential coding, autograd, dtypes other than float32,
+small single CUDA steps: SINGLE_STEP_MIN_ELEMENTS, CPU tensors where no C compiler is found) keeps the eager path.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from contextlib import contextmanager
 from typing import Optional, Tuple
 
 import torch
+
+from models import native
 
 try:
     import triton
@@ -47,7 +50,7 @@ def _set(**mode):
 
 
 def disabled():
-    """Run the eager path even where a kernel applies (benchmarks time both)."""
+    """Run the eager path even where a kernel applies (benchmarks and tests compare both)."""
     return _set(enabled=False)
 
 
@@ -62,12 +65,20 @@ def single_steps_from(elements: int):
 
 
 def usable(x: torch.Tensor, steps: int = 1) -> bool:
-    """Whether the kernel runs ``steps`` steps of inputs like ``x`` (one step's): float32 on a CUDA device (or
-    interpreted) with Triton installed, no autograd, and two steps or more or a single step of at least
-    SINGLE_STEP_MIN_ELEMENTS elements."""
-    return (triton is not None and _mode["enabled"] and x.dtype == torch.float32
-            and (x.is_cuda or _mode["interpret"]) and not torch.is_grad_enabled()
-            and (steps > 1 or x.numel() >= _mode["single_step_min"]))
+    """Whether a kernel runs ``steps`` steps of inputs like ``x`` (one step's): float32, no autograd, and either
+    on the CPU with the C kernel built, or on a CUDA device (or interpreted) with Triton installed and two steps
+    or more or a single step of at least SINGLE_STEP_MIN_ELEMENTS elements."""
+    if not _mode["enabled"] or x.dtype != torch.float32 or torch.is_grad_enabled():
+        return False
+    if x.is_cuda or _mode["interpret"]:
+        return triton is not None and (steps > 1 or x.numel() >= _mode["single_step_min"])
+    return cpu_usable(x)
+
+
+def cpu_usable(*xs: torch.Tensor) -> bool:
+    """Whether the C kernels (models.native) run on these tensors: float32 on the CPU, no autograd, built."""
+    return (_mode["enabled"] and not torch.is_grad_enabled() and native.library() is not None
+            and all(x.dtype == torch.float32 and x.device.type == "cpu" for x in xs))
 
 
 def theta_block(theta: torch.Tensor, step_shape) -> torch.Tensor:
@@ -119,6 +130,8 @@ def if_sequence(xs: torch.Tensor, u: Optional[torch.Tensor], block: torch.Tensor
     """All steps of unfolded inputs ``xs`` [T, B, ...] from membrane ``u`` (None: reset) in one kernel, with the
     threshold as ``theta_block`` gives it: (outputs k theta [T, B, ...], final membrane). A given ``u`` is
     updated in place when contiguous."""
+    if not (xs.is_cuda or _mode["interpret"]):
+        return native.if_sequence(xs, u, block, v_init, lo, hi)
     xs = xs.contiguous()
     fresh = u is None
     u = torch.empty_like(xs[0]) if fresh else u.contiguous()

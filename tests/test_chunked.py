@@ -2,11 +2,14 @@
 the outputs of one call over all T: the same operations on the same values, so bitwise for neurons, and for
 products and expectation-compensated functions up to the rounding of kernels whose blocking or vector lanes
 depend on a tensor's length (matmul, CELU: one ulp)."""
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from convert import convert, load, save
+from models import kernels
 from models.ecm import ExpectationCompensation, SpikeProduct
 from models.families import tiny
 from models.neurons import BaseNeuron
@@ -34,6 +37,11 @@ def _chunked(module, xs, chunks):
     return torch.cat(outs), (torch.cat(sent) if sent else None)
 
 
+def _path(data):
+    """The C kernels (models.native, the CPU default) or the eager path, drawn."""
+    return kernels.disabled() if data.draw(st.booleans(), label="eager") else contextlib.nullcontext()
+
+
 def _split(T, data):
     """Random chunk sizes summing to T."""
     sizes = []
@@ -51,7 +59,7 @@ def test_chunked_neuron_is_bitwise_one_call(idx, T, shape, coding, seed, data):
     if coding != "rate" and neuron.leak == 1.0 and not neuron.hard_reset:
         neuron.set_coding("differential", 0.5 if coding == "hysteresis" else 0.0)
     xs = torch.randn(T, *shape, generator=torch.Generator().manual_seed(seed)) * 2 * neuron.max_level
-    with torch.no_grad():
+    with torch.no_grad(), _path(data):
         whole, whole_sent = _chunked(neuron, [xs], None)
         parts, parts_sent = _chunked(neuron, [xs], _split(T, data))
     assert torch.equal(whole, parts)
@@ -66,7 +74,7 @@ def test_chunked_expectation_compensation_is_one_call(name, T, batch, seed, data
     torch.manual_seed(seed)
     ecm = ExpectationCompensation(_randomise(FUNCTIONS[name]()))
     xs = torch.randn(T, batch, 6) * 3
-    with torch.no_grad():
+    with torch.no_grad(), _path(data):
         whole, parts = _chunked(ecm, [xs], None)[0], _chunked(ecm, [xs], _split(T, data))[0]
     torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-5)
 
@@ -78,7 +86,7 @@ def test_chunked_spike_product_is_one_call(T, b, n, d, seed, data):
     gen = torch.Generator().manual_seed(seed)
     a = torch.randint(-2, 3, (T, b, n, d), generator=gen).float() * 0.3
     c = torch.randint(-2, 3, (T, b, d, n), generator=gen).float() * 0.7
-    with torch.no_grad():
+    with torch.no_grad(), _path(data):
         whole, parts = _chunked(SpikeProduct(), [a, c], None)[0], _chunked(SpikeProduct(), [a, c], _split(T, data))[0]
     torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-6)
 

@@ -3,6 +3,8 @@ the reference path computes (out of place; taken under autograd), and no output,
 a later step. The fine-tuning path (a neuron's T steps as one autograd Function with its backward pass in
 closed form) gives the step-by-step graph's outputs bitwise and its gradients."""
 import contextlib
+import subprocess
+import warnings
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from benchmarks import speed
-from models import kernels
+from models import kernels, native
 from models.ecm import ExpectationCompensation, SpikeProduct
 from models.neurons import IFNeuron, SignedIFNeuron, Surrogate
 from models.families import tiny
@@ -74,8 +76,9 @@ def test_fused_neuron_is_bitwise_the_reference(idx, T, mode, shape, kind, seed):
     assert all(torch.equal(a, b) for a, b in zip(taken, fused))
 
 
-# the fused Triton kernels run on CUDA; here through Triton's interpreter (the same source), and on a GPU also there
-KERNEL_DEVICES = ["interpreted"] + (["cuda"] if torch.cuda.is_available() else [])
+# the fused Triton kernels run on CUDA; here through Triton's interpreter (the same source), and on a GPU also there;
+# "cpu": the C kernel (models.native), which CPU simulations take by default
+KERNEL_DEVICES = ["interpreted", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @contextlib.contextmanager
@@ -83,6 +86,56 @@ def _on(device):
     """The kernels for every call, single steps of a few elements included."""
     with kernels.interpreted() if device == "interpreted" else contextlib.nullcontext(), kernels.single_steps_from(0):
         yield
+
+
+def test_the_cpu_kernel_builds_here():
+    """The suite's CPU simulations run the C kernel (the tests below compare it with the eager path): a machine
+    without a C compiler would test the eager path alone."""
+    assert native.library() is not None, "models/csrc/kernels.c did not build: install a C compiler (gcc)"
+
+
+def _fresh_library(monkeypatch, tmp_path, **env):
+    """native.library() as a new process would build it, with its cache in ``tmp_path`` and these variables."""
+    monkeypatch.setattr(native, "_state", {"library": None, "tried": False})
+    monkeypatch.setenv("VIT_SNN_CACHE", str(tmp_path))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.mark.parametrize("env, message", [({"CC": "/nonexistent/cc"}, "no C compiler"),
+                                          ({"CC": "cc -fno-such-flag"}, "did not build"),
+                                          ({"VIT_SNN_CPU_KERNEL": "0"}, None)])
+def test_without_the_cpu_kernels_simulation_warns_once_and_runs_eager(monkeypatch, tmp_path, env, message):
+    """No compiler, a compiler that fails, or the kernels turned off: one warning (none when turned off), then the
+    eager path, with the same outputs; no half-built library is left in the cache."""
+    ann, size = tiny("vit")
+    x = images(size, 2, seed=1)
+    snn = convert(ann, x, timesteps=3, progress=False)
+    with torch.no_grad():
+        expected = run_steps(snn.net, x, 3, "m")
+    _fresh_library(monkeypatch, tmp_path, **env)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            assert SignedIFNeuron().fused_range(torch.randn(3, 4)) is None
+            assert torch.equal(run_steps(snn.net, x, 3, "m"), expected)
+    assert [str(w.message) for w in caught if message and message in str(w.message)] == \
+        [str(w.message) for w in caught] and len(caught) == (1 if message else 0)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_damaged_cached_library_is_built_again(monkeypatch, tmp_path):
+    _fresh_library(monkeypatch, tmp_path)
+    compiler = ["cc"]
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    target = native._target(compiler, version, native.VARIANTS[0] + native.FLAGS)
+    target.write_bytes(b"\x7fELF truncated")
+    monkeypatch.delenv("CC", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lib = native.library()
+    assert lib is not None and target.stat().st_size > 1000
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temporary left beside it
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -142,7 +195,11 @@ def test_fused_kernel_leaves_other_codings_and_autograd_to_the_eager_path():
             assert SignedIFNeuron().fused_range(x) is None
         assert SignedIFNeuron().fused_range(x.double()) is None
     with torch.no_grad():
-        assert SignedIFNeuron().fused_range(x) is None  # a CPU tensor, not interpreted: eager
+        assert SignedIFNeuron().fused_range(x) == (-1, 1)  # a CPU tensor, not interpreted: the C kernel
+        assert SignedIFNeuron().fused_range(x.bfloat16()) is None
+        with pytest.MonkeyPatch.context() as patch:  # no C compiler: eager
+            patch.setattr(native, "library", lambda: None)
+            assert SignedIFNeuron().fused_range(x) is None
     with _on("interpreted"), kernels.disabled(), torch.no_grad():
         assert SignedIFNeuron().fused_range(x) is None
     with kernels.interpreted(), kernels.single_steps_from(16), torch.no_grad():  # single steps from 16 elements
@@ -150,17 +207,50 @@ def test_fused_kernel_leaves_other_codings_and_autograd_to_the_eager_path():
         assert SignedIFNeuron().fused_range(torch.randn(4, 4)) == (-1, 1)
 
 
+@pytest.mark.parametrize("device", ["interpreted", "cpu"])
 @pytest.mark.parametrize("name, options", [("vit", {}), ("swin", {"levels": 2}), ("vit", {"neuron": "if"})])
-def test_fused_kernel_network_simulation_is_bitwise_the_eager_one(name, options):
+def test_fused_kernel_network_simulation_is_bitwise_the_eager_one(device, name, options):
     ann, size = tiny(name)
     x = images(size, 2, seed=5)
     snn = convert(ann, x, timesteps=3, progress=False, **options)
     for mode, chunk in (("s", None), ("m", None), ("m", 2)):
         with torch.no_grad():
-            eager = run_steps(snn.net, x, 3, mode, chunk=chunk)
-            with _on("interpreted"):
+            with kernels.disabled():
+                eager = run_steps(snn.net, x, 3, mode, chunk=chunk)
+            with _on(device):
                 fused = run_steps(snn.net, x, 3, mode, chunk=chunk)
         assert torch.equal(fused, eager), (mode, chunk)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape, kind", [((2, 4100), "scalar"), ((3, 70, 7), "last"), ((2, 5, 33, 300), "last"),
+                                         ((4, 3, 9, 11), "axis1"), ((3, 66, 131), "rows"), ((1, 8200), "last")])
+def test_cpu_kernel_blocks_and_threads_are_bitwise_the_eager_path(shape, kind, threads):
+    """Sizes across the C kernel's blocks of 4096 elements (a partial last block), threshold periods shorter than
+    its rows (repeated inside), longer than a block and not dividing it, split among threads; fresh and carried
+    membranes."""
+    gen = torch.Generator().manual_seed(len(shape) * 31 + threads)
+    neuron = SignedIFNeuron(levels=2)
+    _shaped_threshold(neuron, shape, kind, gen)
+    xs = torch.randn(5, *shape, generator=gen) * 4
+    results = []
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "WORK_PER_THREAD", 1)
+        for ctx in (contextlib.nullcontext, kernels.disabled):
+            reset_net(neuron)
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                with ctx():
+                    outs = []
+                    for part in (xs[:3], xs[3:]):
+                        set_step_mode(neuron, "m", len(part), carry=True)
+                        outs.append(neuron(part.reshape(-1, *shape[1:])).reshape(part.shape))
+            finally:
+                torch.set_num_threads(before)
+            results.append((torch.cat(outs), neuron.u.clone()))
+    reset_net(neuron)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def _outputs_and_gradients(neuron, xs, grad_out, mode):
