@@ -15,8 +15,10 @@ seconds). Also: how far each mode's outputs are from step mode's (and on a GPU, 
 peak memory of the simulation (CUDA: the allocator's peak; CPU: the peak resident size of a fresh process
 running it, VmHWM), where the time goes per module
 type (self time from forward hooks, at the largest T, both modes), with ``--compile`` the same for the
-simulation through torch.compile (and the seconds of its first, compiling call), on a GPU with Triton the
-fused neuron kernels (models.kernels) against the eager path at every T, and with ``--bf16`` the speed and the
+simulation through torch.compile (and the seconds of its first, compiling call), the fused kernels (on a GPU
+with Triton: the neurons, models.kernels; on the CPU with a C compiler: the neurons and the running means and
+step differences of expectation compensation, models.native) against the eager path at every T, and with
+``--bf16`` the speed and the
 effect on predictions of running the analog layers under bfloat16 autocast. With ``--peer-images N``
 (vit_fmnist, Fashion-MNIST test images): the seconds of our whole accuracy-vs-T curve for T = 1..16 (one
 anytime run, ANN reference included) against SpikingJelly's STA recipe evaluating T=16 alone on the same
@@ -258,9 +260,9 @@ def variant_effect(snn, x, T: int, device: str, repeats: int, variant) -> dict:
 
 @torch.no_grad()
 def kernel_effect(snn, x, timesteps, device: str, repeats: int) -> dict:
-    """The fused neuron kernels (models.kernels, on by default where they run) against the eager path, in both
-    modes and in chunks of 4, at every T: speed-up of the simulation, interleaved timings, and whether the
-    outputs of all T steps are bitwise equal."""
+    """The fused kernels (models.kernels and models.native, on by default where they run) against the eager path,
+    in both modes and in chunks of 4, at every T: speed-up of the simulation, interleaved timings, and whether
+    the outputs of all T steps are bitwise equal."""
     out = {}
     for mode in MODES + ("m4",):
         out[mode] = {}
@@ -343,6 +345,9 @@ def run(models, batches, timesteps, device="cpu", repeats=3, profile=True, memor
     return res
 
 
+KERNELS = {True: "C: neurons, running means, step differences; models.native", False: "Triton: neurons; models.kernels"}
+
+
 def markdown(res: dict, command: str) -> str:
     Ts = res["timesteps"]
     begin, end = markers(res["device"])
@@ -382,7 +387,8 @@ def markdown(res: dict, command: str) -> str:
                          f"{d['max_logit_error']:.1e} of the largest logit, top-1 agreement {d['top1_agreement']:.2f}%")
         for mode, k in r.get("kernels", {}).items():
             equal = all(v["bitwise_equal"] for v in k.values())
-            lines.append(f"- {name}, fused neuron kernels (models.kernels) against the eager path, {mode_label(mode)}: "
+            lines.append(f"- {name}, fused kernels ({KERNELS[res['device'] == 'cpu']}) against the eager path, "
+                         f"{mode_label(mode)}: "
                          + ", ".join(f"T={T} {v['speedup']:.2f}x" for T, v in k.items()) + " the eager speed; outputs "
                          + ("bitwise equal at every step" if equal else "not bitwise equal (largest logit difference "
                             f"{max(v['max_logit_error'] for v in k.values()):.1e} of the largest logit)"))

@@ -361,7 +361,11 @@ def test_speed_benchmark_quick_mode_runs_and_renders():
         fused = speed.kernel_effect(snn, images(28, 4, seed=1)[:, :1], [1, 2], "cpu", 1)
     assert set(fused) == {"s", "m", "m4"} and all(set(m) == {"1", "2"} for m in fused.values())
     assert all(v["bitwise_equal"] and v["speedup"] > 0 for m in fused.values() for v in m.values())
-    assert "fused neuron kernels" in speed.markdown({**res, "models": {"vit_fmnist": {**r, "kernels": fused}}}, "t")
+    on_gpu = {**res, "device": "cuda", "models": {"vit_fmnist": {**r, "kernels": fused}}}
+    assert "fused kernels (Triton" in speed.markdown(on_gpu, "t")
+    # on the CPU the C kernels run by default: measured against the eager path, bitwise equal
+    assert all(v["bitwise_equal"] for m in r["kernels"].values() for v in m.values())
+    assert "fused kernels (C: neurons" in md
     with pytest.raises(SystemExit, match="one per model"):
         speed.run(["vit_fmnist", "vit_fmnist"], [4, 4, 4], (1,))
 
