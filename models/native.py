@@ -6,8 +6,8 @@ compiler ($CC, else ``cc``) and called through ctypes. They run on as many OpenM
 The shared library is cached under $VIT_SNN_CACHE (else $XDG_CACHE_HOME/vit-snn, else ~/.cache/vit-snn),
 named by a hash of the source, the compiler, its flags and this CPU (it is built for the CPU it runs on), and
 written under a temporary name then renamed, so concurrent processes never load a half-written file. Without
-a working compiler, or with VIT_SNN_CPU_KERNEL=0, ``library()`` is None and the neurons keep the eager path
-(one warning says so).
+a working compiler (one warning says so), or with VIT_SNN_CPU_KERNEL=0, ``library()`` is None and the
+simulation keeps the eager path.
 """
 from __future__ import annotations
 

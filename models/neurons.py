@@ -258,8 +258,10 @@ class IFNeuron(BaseNeuron):
         return torch.floor(u).clamp_(-self.num_levels if self.signed else 0, self.num_levels)
 
     def fused_range(self, x: torch.Tensor, steps: int = 1) -> Optional[Tuple[int, int]]:
-        """Rate coding, no leak, reset by subtraction, and where ``kernels.usable``."""
-        if self.coding != "rate" or self.leak != 1.0 or self.hard_reset or not kernels.usable(x, steps):
+        """Rate coding, no leak, reset by subtraction, a threshold of the input's dtype, and where
+        ``kernels.usable``."""
+        if (self.coding != "rate" or self.leak != 1.0 or self.hard_reset or self.threshold.dtype != x.dtype
+                or not kernels.usable(x, steps)):
             return None
         return -self.num_levels if self.signed else 0, self.num_levels
 
