@@ -319,9 +319,9 @@ def peer_timing(images: int, T: int = 16) -> dict:
     test_x = torch.stack([test[i][0] for i in range(len(test))])
     test_y = torch.tensor([int(test[i][1]) for i in range(len(test))])
     sj = peers.spikingjelly_run(to_torchvision(ann), calib, test_x, test_y, T)
-    ours = peers.ours_run(ann, calib, test, T, {})
+    ours = peers.ours_run(ann, calib, test, [T], {})
     return {"images": images, "T": T, "spikingjelly_evaluate_s": sj["evaluate_s"], "spikingjelly_top1": sj["top1"],
-            "ours_curve_s": ours["evaluate_s"], "ours_top1_at_T": ours["top1"][-1],
+            "ours_curve_s": ours["evaluate_s"], "ours_top1_at_T": ours["top1"][T],
             "ratio": ours["evaluate_s"] / sj["evaluate_s"]}
 
 

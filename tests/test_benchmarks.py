@@ -88,6 +88,16 @@ def test_peers_quick_runs_and_renders():
     assert md.startswith(peers.BEGIN) and "| SpikingJelly STA |" in md and md.rstrip().endswith(peers.END)
 
 
+def test_speed_peer_timing_runs():
+    """``benchmarks.speed --peer-images``: our whole anytime curve against SpikingJelly's single T on the same
+    images, both classifying them."""
+    from benchmarks import speed
+    res = speed.peer_timing(8, T=2)
+    assert res["images"] == 8 and res["T"] == 2 and res["ours_curve_s"] > 0 and res["spikingjelly_evaluate_s"] > 0
+    assert 0 <= res["ours_top1_at_T"] <= 100 and 0 <= res["spikingjelly_top1"] <= 100
+    assert res["ratio"] == res["ours_curve_s"] / res["spikingjelly_evaluate_s"]
+
+
 def test_finetune_quick_runs_and_renders():
     res = ft_bench.run(eval_images=64, train_images=64, epochs=1, steps=(2,), variant_t=2,
                        variants={"ecm (default)": {}, "ssa": dict(attention="ssa")}, max_t=2)
