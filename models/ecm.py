@@ -104,14 +104,16 @@ def _step_differences(totals: torch.Tensor, before=None) -> torch.Tensor:
     return totals
 
 
-def _running_means(xs: torch.Tensor, before: Optional[torch.Tensor], t: torch.Tensor, t0: int, keep_last: bool):
-    """(S(t) / t for the steps of ``xs`` [T, B, ...] from the carried sum ``before``, S(T) where ``keep_last``):
-    one pass of the C kernel where it runs (models.native), else the running sums then one division."""
+def _running(xs: torch.Tensor, before: Optional[torch.Tensor], t: Optional[torch.Tensor], t0: int, divide: bool,
+             keep_last: bool):
+    """(S(t), or S(t) / t with ``divide``, for the steps of ``xs`` [T, B, ...] from the carried sum ``before``;
+    S(T) where ``keep_last``): one pass of the C kernel where it runs (models.native), else the running sums
+    then the division."""
     if kernels.cpu_usable(xs):
-        return native.running_sums(xs, before, t0, divide=True, keep_last=keep_last)
+        return native.running_sums(xs, before, t0, divide=divide, keep_last=keep_last)
     sums = _running_sums(xs, before)
     last = sums[-1].clone() if keep_last else None  # before the division overwrites it
-    return _divided(sums, t), last
+    return (_divided(sums, t) if divide else sums), last
 
 
 def _compensated(totals: torch.Tensor, before: Optional[torch.Tensor], t: torch.Tensor, t0: int,
@@ -179,7 +181,7 @@ class ExpectationCompensation(StatefulModule):
         t0 = self.t
         first = self.unfold(args[self.streams[0]])
         t = self.step_index(first) + t0
-        means, last_sums = zip(*(_running_means(self.unfold(args[i]), s, t, t0, self.carry)
+        means, last_sums = zip(*(_running(self.unfold(args[i]), s, t, t0, divide=True, keep_last=self.carry)
                                  for i, s in zip(self.streams, self.sums or [None] * len(self.streams))))
         out = self.fn(*self._means(args, [self.fold(m) for m in means]), **kwargs)
         before = self.total
@@ -226,8 +228,8 @@ class SpikeProduct(StatefulModule):
     def multi_step(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if not self.carried():
             self.reset()
-        sa = self._sums(self.unfold(a), self.sum_a)
-        sb = self._sums(self.unfold(b), self.sum_b)
+        sa = _running(self.unfold(a), self.sum_a, None, 0, divide=False, keep_last=False)[0]
+        sb = _running(self.unfold(b), self.sum_b, None, 0, divide=False, keep_last=False)[0]
         products = self.unfold(self.op(self.fold(sa), self.fold(sb)))
         t0, before = self.t, self.prev
         if self.carry:  # the state a next call continues from
@@ -235,12 +237,6 @@ class SpikeProduct(StatefulModule):
             self.prev = products[-1] / self.t
         out = _compensated(products, before, self.step_index(products) + t0, t0, divide=True)
         return self.fold(out)
-
-    @staticmethod
-    def _sums(xs: torch.Tensor, before: Optional[torch.Tensor]) -> torch.Tensor:
-        if kernels.cpu_usable(xs):
-            return native.running_sums(xs, before, 0, divide=False, keep_last=False)[0]
-        return _running_sums(xs, before)
 
     def extra_repr(self) -> str:
         return f"op={getattr(self.op, '__name__', self.op)!r}, {super().extra_repr()}"

@@ -75,10 +75,10 @@ def usable(x: torch.Tensor, steps: int = 1) -> bool:
     return cpu_usable(x)
 
 
-def cpu_usable(*xs: torch.Tensor) -> bool:
-    """Whether the C kernels (models.native) run on these tensors: float32 on the CPU, no autograd, built."""
-    return (_mode["enabled"] and not torch.is_grad_enabled() and native.library() is not None
-            and all(x.dtype == torch.float32 and x.device.type == "cpu" for x in xs))
+def cpu_usable(x: torch.Tensor) -> bool:
+    """Whether the C kernels (models.native) run on ``x``: float32 on the CPU, no autograd, built."""
+    return (_mode["enabled"] and not torch.is_grad_enabled() and x.dtype == torch.float32
+            and x.device.type == "cpu" and native.library() is not None)
 
 
 def theta_block(theta: torch.Tensor, step_shape) -> torch.Tensor:
