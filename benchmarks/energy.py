@@ -65,6 +65,7 @@ FINETUNED: Dict[str, tuple] = {
     "lr 1e-3": ("rate, signed IF L=1", 4, dict(lr=1e-3), 2),
     "event penalty 30": ("rate, signed IF L=1", 4, dict(event_penalty=30.0, lr=1e-3), 2),
     "event penalty 10": ("rate, signed IF L=1", 4, dict(event_penalty=10.0, lr=1e-3), 2),
+    "event penalty 10, distill 1": ("rate, signed IF L=1", 4, dict(event_penalty=10.0, lr=1e-3, distill=1.0), 2),
     "lr 3e-4": ("rate, signed IF L=1", 4, dict(lr=3e-4), 2),
 }
 EPOCHS = (0.5, 1, 2)
