@@ -23,9 +23,11 @@ from datetime import date
 from pathlib import Path
 
 import torch
+import yaml
 from torch.utils.data import DataLoader, Subset
 
 from convert import convert, energy_report, finetune
+from convert.api import DEFAULTS, check_options
 from convert.evaluate import evaluate
 from models.data import fashion_mnist
 from models.zoo import create_ann
@@ -35,6 +37,19 @@ def calibration_images(n: int = 512, seed: int = 0) -> torch.Tensor:
     train = fashion_mnist("train").dataset
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
     return train.tensors[0][idx]
+
+
+def parse_options(items) -> dict:
+    """convert() options from ``KEY=VALUE`` strings (YAML values), checked by the schema; ValueError otherwise."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in DEFAULTS:
+            raise ValueError(f"--option {item!r}: give KEY=VALUE with KEY one of convert()'s options "
+                             f"({', '.join(DEFAULTS)})")
+        options[key] = yaml.safe_load(value)
+    check_options(options)
+    return options
 
 
 def command_line(module: str, skip=()) -> str:

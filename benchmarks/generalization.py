@@ -24,13 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.data import DataLoader, Subset
 
 from benchmarks import outputs
-from benchmarks.core import calibration_images, command_line, machine_info
+from benchmarks.core import calibration_images, command_line, machine_info, parse_options
 from convert import convert
-from convert.api import DEFAULTS, check_options
 from convert.evaluate import evaluate
 from convert.plots import png_bytes
 from models.data import fashion_mnist
@@ -156,15 +154,8 @@ def main(argv=None) -> int:
                         help="a convert() option on top of the defaults (YAML value), e.g. centre_values=true")
     parser.add_argument("--benchmarks-md", type=Path, default=Path("BENCHMARKS.md"))
     args = parser.parse_args(argv)
-    options = {}
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep or key not in DEFAULTS:
-            parser.error(f"--option {item!r}: give KEY=VALUE with KEY one of convert()'s options "
-                         f"({', '.join(DEFAULTS)})")
-        options[key] = yaml.safe_load(value)
     try:
-        check_options(options)
+        options = parse_options(args.option)
     except ValueError as exc:
         parser.error(str(exc))
     torch.manual_seed(0)

@@ -203,6 +203,9 @@ MUTATIONS: List[Mutation] = [
              ("tests/test_schema.py::-k freed_host_memory",)),
     Mutation("freed-memory-never-given-back", "convert/resources.py", '_host_heap["libc"].malloc_trim(0)', "None",
              ("tests/test_schema.py::-k freed_host_memory",)),
+    Mutation("error-sources-leave-neurons-analog", "benchmarks/error_sources.py",
+             "        for n in neurons:\n            n.analog = False\n", "",
+             ("tests/test_benchmarks.py::-k error_sources",)),
 ]
 
 

@@ -290,3 +290,41 @@ def test_generalization_measures_options_beside_the_defaults(tmp_path, monkeypat
         with pytest.raises(SystemExit):
             gen.main(common + ["--option", bad])
         assert "centre_values" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", ["cls_token", "avg_pool_no_cls", "register_tokens"])
+def test_error_sources_group_every_neuron_once_and_leave_them_spiking(config, images):
+    from benchmarks import error_sources as es
+    from convert import convert
+    from models.neurons import BaseNeuron
+    ann = build(config)
+    snn = convert(ann, images, timesteps=4, progress=False)
+    groups = es.neuron_groups(snn.net)
+    neurons = [m for m in snn.modules() if isinstance(m, BaseNeuron)]
+    assert sorted(map(id, neurons)) == sorted(id(n) for ns in groups.values() for n in ns)
+    assert all(not any(p.isdigit() for p in g.split(".")) for g in groups)
+    with torch.no_grad():
+        labels = ann(images).argmax(-1)  # the ANN is right on every image
+    loader = [(images, labels)]
+    assert es.top1_with_spiking(snn, ann, loader, 4, {}) == 100.0  # nothing spiking: the ANN itself
+    res = es.sources(snn, ann, loader, 4)
+    assert set(res["groups"]) == set(groups) and res["ann"] == 100.0
+    assert not any(n.analog for n in neurons)  # every evaluation leaves the network spiking
+    full = evaluate_top1(snn, loader)
+    assert res["spiking"] == full
+
+
+def evaluate_top1(snn, loader):
+    from convert.evaluate import evaluate
+    return evaluate(snn, loader, 4, progress=False)["top1"][-1]
+
+
+def test_error_sources_quick_runs_and_renders():
+    from benchmarks import error_sources as es
+    res = es.measure(["vit_fmnist"], 2, 64, {"levels": 2})
+    r = res["models"]["vit_fmnist"]
+    assert "blocks.attn.attend.attn_neuron" in r["groups"] and r["groups"]["blocks.mlp.fc1.neuron"]["neurons"] == 4
+    assert all(0 <= v["alone"] <= 100 and 0 <= v["all_but"] <= 100 for v in r["groups"].values())
+    md = es.markdown(json.loads(json.dumps(res)), "test")
+    assert md.startswith(es.BEGIN) and md.rstrip().endswith(es.END) and "| blocks.attn.attend.attn_neuron |" in md
+    assert "levels=2" in md
