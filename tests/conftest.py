@@ -14,8 +14,9 @@ import models  # noqa: F401  registers vit_fmnist
 # same count for the processes a test starts (a run resumed in-process continues one a subprocess began, bitwise
 # only at the same thread count: float reductions are split by thread)
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    os.environ["OMP_NUM_THREADS"] = str(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    THREADS = max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
 
 BASE = dict(img_size=16, patch_size=4, in_chans=3, num_classes=7, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 

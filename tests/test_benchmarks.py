@@ -296,6 +296,7 @@ def test_generalization_measures_options_beside_the_defaults(tmp_path, monkeypat
 def test_error_sources_group_every_neuron_once_and_leave_them_spiking(config, images):
     from benchmarks import error_sources as es
     from convert import convert
+    from convert.evaluate import evaluate
     from models.neurons import BaseNeuron
     ann = build(config)
     snn = convert(ann, images, timesteps=4, progress=False)
@@ -310,13 +311,7 @@ def test_error_sources_group_every_neuron_once_and_leave_them_spiking(config, im
     res = es.sources(snn, ann, loader, 4)
     assert set(res["groups"]) == set(groups) and res["ann"] == 100.0
     assert not any(n.analog for n in neurons)  # every evaluation leaves the network spiking
-    full = evaluate_top1(snn, loader)
-    assert res["spiking"] == full
-
-
-def evaluate_top1(snn, loader):
-    from convert.evaluate import evaluate
-    return evaluate(snn, loader, 4, progress=False)["top1"][-1]
+    assert res["spiking"] == evaluate(snn, loader, 4, progress=False)["top1"][-1]
 
 
 def test_error_sources_quick_runs_and_renders():
