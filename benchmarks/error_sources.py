@@ -6,8 +6,8 @@
 
 The neurons of a converted network are grouped by their place in a block: the module path without the block
 indices (``blocks.3.attn.attend.attn_neuron`` -> ``blocks.attn.attend.attn_neuron``). For every group, one
-evaluation at step T with only that group spiking (the others analog: the identity, the function a neuron
-converges to) and one with every neuron spiking but that group, beside the fully spiking network; each as the
+evaluation at step T with only that group spiking (the others analog: exactly the identity, the function a
+neuron converges to, unsigned ones included) and one with every neuron spiking but that group, beside the fully spiking network; each as the
 drop from the ANN's top-1 on the same images. A group whose spikes alone cost much, and whose analog
 version recovers much, is where thresholds, alphabet or coding can buy accuracy. Writes
 benchmarks/results/error_sources.json and its section of BENCHMARKS.md.
@@ -15,7 +15,7 @@ benchmarks/results/error_sources.json and its section of BENCHMARKS.md.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Subset
 
 from benchmarks.core import calibration_images, machine_info, parse_options
 from benchmarks.outputs import benchmark_main
+from calibration.statistics import analog_mode
 from convert import convert
 from convert.evaluate import evaluate
 from models.data import fashion_mnist
@@ -41,18 +42,14 @@ def neuron_groups(net: nn.Module) -> Dict[str, List[BaseNeuron]]:
     return dict(sorted(groups.items()))
 
 
-def top1_with_spiking(snn, ann: nn.Module, loader, T: int, spiking: Dict[str, List[BaseNeuron]]) -> float:
-    """Top-1 at step T with the neurons in ``spiking`` spiking and every other neuron analog; afterwards every
-    neuron spikes again. The ANN is the reference (the SNN's own analog mode would reset the flags)."""
-    chosen = {id(n) for ns in spiking.values() for n in ns}
-    neurons = [n for n in snn.modules() if isinstance(n, BaseNeuron)]
-    try:
-        for n in neurons:
-            n.analog = id(n) not in chosen
+def top1_with_spiking(snn, ann: nn.Module, loader, T: int, spiking: Iterable[BaseNeuron]) -> float:
+    """Top-1 at step T with the neurons in ``spiking`` spiking and every other neuron analog (exactly the
+    identity: ``analog_mode(exact=True)``); afterwards every neuron spikes again. The ANN is the reference
+    (the SNN's own analog mode would switch every neuron)."""
+    chosen = {id(n) for n in spiking}
+    analog = [n for n in snn.net.modules() if isinstance(n, BaseNeuron) and id(n) not in chosen]
+    with analog_mode(snn.net, exact=True, only=analog):
         return evaluate(snn, loader, T, progress=False, reference=ann)["top1"][-1]
-    finally:
-        for n in neurons:
-            n.analog = False
 
 
 def sources(snn, ann: nn.Module, loader, T: int) -> dict:
@@ -62,10 +59,9 @@ def sources(snn, ann: nn.Module, loader, T: int) -> dict:
     full = evaluate(snn, loader, T, progress=False, reference=ann)
     out = {"ann": full["ann_top1"], "spiking": full["top1"][-1], "groups": {}}
     for g, ns in groups.items():
-        out["groups"][g] = {"neurons": len(ns),
-                            "alone": top1_with_spiking(snn, ann, loader, T, {g: ns}),
-                            "all_but": top1_with_spiking(snn, ann, loader, T,
-                                                         {h: m for h, m in groups.items() if h != g})}
+        others = [n for h, m in groups.items() if h != g for n in m]
+        out["groups"][g] = {"neurons": len(ns), "alone": top1_with_spiking(snn, ann, loader, T, ns),
+                            "all_but": top1_with_spiking(snn, ann, loader, T, others)}
     return out
 
 

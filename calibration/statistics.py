@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Dict, Iterable, Iterator, List, Optional, Set
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set
 
 import torch
 from torch import nn
@@ -144,15 +144,20 @@ def iter_images(data, batch_size: int = 64) -> Iterator[torch.Tensor]:
 
 
 @contextmanager
-def analog_mode(net: nn.Module, exact: bool = False):
+def analog_mode(net: nn.Module, exact: bool = False, only: Optional[Sequence[BaseNeuron]] = None):
     """Neurons (and random attention masks) become the identity and every module runs one step per call:
     ``net`` computes the ANN (ssa and a2os2a compute the softmax attention they replace). An unsigned
     neuron passes only x >= 0 (what it can send: the calibration's view) unless ``exact``, which makes
     every neuron the identity and every ``ConstantNorm`` the norm it replaced: exactly the ANN (the reference
-    accuracy, the distillation teacher)."""
-    neurons = [m for m in net.modules() if isinstance(m, BaseNeuron)]
-    switched = neurons + [m for m in net.modules() if isinstance(m, SpikeMask)]
-    norms = [m for m in net.modules() if isinstance(m, ConstantNorm)]
+    accuracy, the distillation teacher). ``only``: these neurons alone (the rest of the network, random masks
+    and constant norms included, stays as it is)."""
+    if only is None:
+        neurons = [m for m in net.modules() if isinstance(m, BaseNeuron)]
+        switched = neurons + [m for m in net.modules() if isinstance(m, SpikeMask)]
+        norms = [m for m in net.modules() if isinstance(m, ConstantNorm)]
+    else:
+        neurons, norms = list(only), []
+        switched = neurons
     signs = [n.signed for n in neurons]
     reset_net(net)
     set_step_mode(net, "s")

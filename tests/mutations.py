@@ -203,8 +203,11 @@ MUTATIONS: List[Mutation] = [
              ("tests/test_schema.py::-k freed_host_memory",)),
     Mutation("freed-memory-never-given-back", "convert/resources.py", '_host_heap["libc"].malloc_trim(0)', "None",
              ("tests/test_schema.py::-k freed_host_memory",)),
-    Mutation("error-sources-leave-neurons-analog", "benchmarks/error_sources.py",
-             "        for n in neurons:\n            n.analog = False\n", "",
+    Mutation("error-sources-analog-neurons-clip", "benchmarks/error_sources.py",
+             "analog_mode(snn.net, exact=True, only=analog)", "analog_mode(snn.net, only=analog)",
+             ("tests/test_benchmarks.py::-k error_sources",)),
+    Mutation("analog-mode-subset-left-analog", "calibration/statistics.py",
+             "        for n in switched:\n            n.analog = False\n", "",
              ("tests/test_benchmarks.py::-k error_sources",)),
 ]
 

@@ -307,7 +307,16 @@ def test_error_sources_group_every_neuron_once_and_leave_them_spiking(config, im
     with torch.no_grad():
         labels = ann(images).argmax(-1)  # the ANN is right on every image
     loader = [(images, labels)]
-    assert es.top1_with_spiking(snn, ann, loader, 4, {}) == 100.0  # nothing spiking: the ANN itself
+    assert es.top1_with_spiking(snn, ann, loader, 4, []) == 100.0  # nothing spiking: the ANN itself
+    # an analog neuron among spiking ones is exactly the identity, an unsigned one too (its inputs, the steps of
+    # an expectation-compensated softmax, go negative)
+    analog = groups["blocks.attn.attend.attn_neuron"]
+    seen = []
+    hooks = [n.register_forward_hook(lambda m, i, o: seen.append((i[0].clone(), o.clone()))) for n in analog]
+    es.top1_with_spiking(snn, ann, loader, 4, [n for ns in groups.values() for n in ns if n not in analog])
+    for h in hooks:
+        h.remove()
+    assert seen and all(torch.equal(i, o) for i, o in seen) and any((i < 0).any() for i, _ in seen)
     res = es.sources(snn, ann, loader, 4)
     assert set(res["groups"]) == set(groups) and res["ann"] == 100.0
     assert not any(n.analog for n in neurons)  # every evaluation leaves the network spiking
