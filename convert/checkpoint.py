@@ -159,7 +159,9 @@ def load(path, device: str = "cpu"):
         ann = rebuild(arch)
     except (SafetensorError, OSError, KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise ValueError(f"{path} cannot be rebuilt: {exc}") from None
-    snn = build_spiking(ann, config["timesteps"], config["options"], config.get("inputs"))
+    # files written before attention_map was an option spiked the softmax map
+    options = {"attention_map": "softmax", **config["options"]}
+    snn = build_spiking(ann, config["timesteps"], options, config.get("inputs"))
     snn.architecture = arch
     _load_weights(snn.net, state, path, config.get("aliases"))
     snn.calibration_report = config.get("calibration_report", {})

@@ -22,6 +22,8 @@ Per image, summed over T steps:
   per output element per step) stays analog. psa counts the events left after its masks.
 - value centring (models.attention.ValueCentring): the attention map's row sums and the keys' mean
   value are additions, one SOP per non-zero element; their outer product is dense MACs.
+- the row_max map's normalisation (models.attention.RowNormalisation): its row sums are additions, one SOP
+  per non-zero element of the map; the division (P V) / (P 1) is a compensated non-linearity (above).
 - step-by-step products (ssa, a2os2a): each event of a spike operand adds one row/column
   of the other, events_a x columns(B) (or events_b x rows(A), whichever operand is spikes
   and sparser); two real operands are dense MACs.
@@ -38,7 +40,7 @@ from torch import nn
 
 from calibration.statistics import analog_mode, iter_images
 from convert.network import SpikingModel, check_images, check_timesteps
-from models.attention import ChannelAffine, ValueCentring
+from models.attention import ChannelAffine, RowNormalisation, ValueCentring
 from models.ecm import ExpectationCompensation, SpikeProduct
 from models.neurons import BaseNeuron
 from models.normalization import ConstantNorm
@@ -101,8 +103,10 @@ class _Counter:
                 self._hook(m, self._analog_layer(names[m]))
             elif isinstance(m, (ExpectationCompensation, ChannelAffine, ConstantNorm)):
                 self._hook(m, self._nonlinear(names[m], spiking_cost=not isinstance(m, ConstantNorm)))
-            elif isinstance(m, ValueCentring):
-                self._hook(m, self._centring(names[m]))
+            elif isinstance(m, ValueCentring):  # the map's row sums and the keys' mean value
+                self._hook(m, self._additions(names[m], (0, 1)))
+            elif isinstance(m, RowNormalisation):  # the map's row sums
+                self._hook(m, self._additions(names[m], (1,)))
             if isinstance(m, BaseNeuron):
                 self._hook(m, self._neuron(names[m], m))
             if hasattr(m, "products"):
@@ -171,11 +175,12 @@ class _Counter:
                 rec["strict_macs"] += n
         return hook
 
-    def _centring(self, name):
-        """Row sums of the map and the keys' mean value: one addition per non-zero element, whatever its value."""
+    def _additions(self, name, operands):
+        """Sums over the inputs at ``operands`` (row sums, means): one addition per non-zero element, whatever
+        its value."""
         def hook(module, inputs, output):
             if not self.analog:
-                adds = float(sum(int(x.count_nonzero()) for x in inputs[:2]))
+                adds = float(sum(int(inputs[i].count_nonzero()) for i in operands))
                 self.ops[name]["sops"] += adds
                 self.ops[name]["strict_sops"] += adds
         return hook

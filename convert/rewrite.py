@@ -271,7 +271,8 @@ class Rewriter:
 
     ``make_neuron(signed)``: the neuron in front of a Linear input or a product operand; ``attention``:
     ecm, psa (with ``mask_p``, ``mask_rescale``, ``mask_operands``, ``mask_schedule``: models.attention), ssa or
-    a2os2a; ``centre_values``: ecm and psa add the value centring (models.attention.ValueCentring);
+    a2os2a; ``attention_map``: what ecm and psa spike (row_max or softmax, models.attention); ``centre_values``:
+    with the softmax map, the value centring (models.attention.ValueCentring);
     ``spike_driven``: every Linear input is a binary IF neuron (Spikingformer); ``norm``: ecm (LayerNorm /
     RMSNorm in expectation) or constant (``ConstantNorm``, calibrated constant statistics); ``fixed_tokens``:
     the token count is the same for every input (per-key thresholds on attention maps are then meaningful)."""
@@ -280,9 +281,9 @@ class Rewriter:
                  spike_driven: bool = False, fixed_tokens: bool = True,
                  example: Optional[torch.Tensor] = None, mask_rescale: bool = False, norm: str = "ecm",
                  mask_operands: Tuple[str, ...] = MASK_OPERANDS, mask_schedule: str = "random",
-                 centre_values: bool = False) -> None:
+                 centre_values: bool = False, attention_map: str = "row_max") -> None:
         self.make_neuron = make_neuron
-        self.centre_values = centre_values
+        self.centre_values, self.attention_map = centre_values, attention_map
         self.norm = norm
         self.attention, self.mask_p, self.spike_driven = attention, mask_p, spike_driven
         self.mask_rescale, self.mask_operands, self.mask_schedule = mask_rescale, mask_operands, mask_schedule
@@ -762,7 +763,8 @@ class _GraphState:
         core = SpikingSDPA(rw.attention, rw.make_neuron, fixed_tokens=rw.fixed_tokens, mask_p=rw.mask_p,
                            seed=3 * rw.attention_count, constant=tuple(not self.kind(x) for x in (q, k, v)),
                            mask_rescale=rw.mask_rescale, mask_operands=rw.mask_operands,
-                           mask_schedule=rw.mask_schedule, centre_values=rw.centre_values)
+                           mask_schedule=rw.mask_schedule, centre_values=rw.centre_values,
+                           attention_map=rw.attention_map)
         new = self.replace(node, "attend", core)
         if rw.attention == "ssa":
             self.binary_sources.add(new)

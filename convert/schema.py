@@ -125,11 +125,11 @@ def _is_device(v) -> bool:
 def _choices() -> Dict[str, Tuple[str, ...]]:
     from calibration import CORRECTIONS, METHODS
     from convert.api import ATTENTION_VARIANTS, NORM_STYLES, RESIDUAL_STYLES
-    from models.attention import MASK_OPERANDS, MASK_SCHEDULES
+    from models.attention import ATTENTION_MAPS, MASK_OPERANDS, MASK_SCHEDULES
     from models.neurons import CODINGS, NEURONS, Surrogate
     return {"neuron": tuple(NEURONS), "coding": CODINGS, "method": tuple(METHODS), "correction": tuple(CORRECTIONS),
             "attention": tuple(ATTENTION_VARIANTS), "residual": tuple(RESIDUAL_STYLES),
-            "norm": NORM_STYLES, "mask_schedule": MASK_SCHEDULES,
+            "norm": NORM_STYLES, "mask_schedule": MASK_SCHEDULES, "attention_map": ATTENTION_MAPS,
             "mask_operands": tuple("+".join(c) for n in (3, 2, 1) for c in itertools.combinations(MASK_OPERANDS, n)),
             "surrogate": tuple(Surrogate.KINDS)}
 
@@ -172,8 +172,11 @@ def keys() -> List[Key]:
         Key("attention.mask_schedule", "choice", "psa: random (Bernoulli at every step, EST) or even (each element "
             "dropped at an evenly spaced share mask_p of the steps)", choices=c["mask_schedule"],
             api="mask_schedule"),
-        Key("attention.centre_values", "bool", "ecm, psa: A V as A (V - mean V) + mean V, so the attention map's "
-            "rounding loses no mass", api="centre_values"),
+        Key("attention.map", "choice", "ecm, psa: the attention map the neuron spikes: row_max, exp(s - max_k s) "
+            "(each row peaks at 1), normalised after A V by its spiked row sums; softmax, the probabilities",
+            choices=c["attention_map"], api="attention_map"),
+        Key("attention.centre_values", "bool", "ecm, psa with map=softmax: A V as A (V - mean V) + mean V, so the "
+            "attention map's rounding loses no mass", api="centre_values"),
         Key("attention.residual", "choice", "residual style", choices=c["residual"], api="residual"),
         Key("attention.norm", "choice", "ecm: LayerNorm / RMSNorm in expectation; constant: calibrated constant "
             "statistics (a per-channel affine map, no per-token reduction)", choices=c["norm"], api="norm"),
@@ -270,9 +273,16 @@ def check_combination(o: Dict[str, Any]) -> None:
         if o[key] != default and o["attention"] != "psa":
             raise ValueError(f"attention.{key}={o[key]} applies to attention=psa only (attention is "
                              f"{o['attention']!r})")
+    if o["attention_map"] != "row_max" and o["attention"] not in ("ecm", "psa"):
+        raise ValueError(f"attention.map={o['attention_map']} applies to attention=ecm or psa, which spike an "
+                         f"attention map (attention is {o['attention']!r}): leave it at row_max")
     if o["centre_values"] and o["attention"] not in ("ecm", "psa"):
         raise ValueError(f"attention.centre_values=true applies to attention=ecm or psa, whose attention map is a "
                          f"softmax (attention is {o['attention']!r}): set it to false")
+    if o["centre_values"] and o["attention_map"] != "softmax":
+        raise ValueError("attention.centre_values=true applies to attention.map=softmax: the row_max map is "
+                         "normalised by its own spiked row sums and loses no mass; set attention.map=softmax "
+                         "or centre_values=false")
     if o["mask_p"] > 0 and o["attention"] != "psa":
         raise ValueError(f"attention.mask_p={o['mask_p']} applies to attention=psa only (attention is "
                          f"{o['attention']!r})")

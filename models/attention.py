@@ -10,8 +10,15 @@ The variants differ in ``attend``:
             an evenly spaced share p of the steps (``even``, SpikeMask); ``mask_rescale`` divides each
             masked operand's product by 1 - p (folded into the softmax scale for Q K^T and into the
             product's own rescaling for A V: the spikes stay in the alphabet), so the masked products are
-            unbiased
-    centring (ecm and psa, ``centre_values``): A V = c + A (V - c) for any row-stochastic A and any row c;
+            unbiased (the row_max map's normalisation is a ratio, which needs no rescaling of the map)
+    map (ecm and psa, ``attention_map``): what the attention-map neuron spikes.
+            row_max (the default): P = ECM(exp(s - max_k s)), whose every row peaks at exactly 1, through a
+            signed neuron; out = ECM((P V) / max(P 1, (1 - p) / 2)) (RowNormalisation; p: psa's mask share
+            on the map, else 0): softmax(s) V = P V / (P 1), and P 1 >= 1 for the ANN. One threshold fits a
+            peaked row and a diffuse one alike: a diffuse row's entries are near 1 in P, but near 1/N in
+            softmax(s), where most fall below theta / (2T) and are sent as nothing.
+            softmax: A = SN(ECM(softmax(s))), out = A V (unsigned neuron)
+    centring (map=softmax, ``centre_values``): A V = c + A (V - c) for any row-stochastic A and any row c;
             with the spiking map A' the output is A' s_v + (1 - A' 1) c, c = the mean of s_v over the keys
             (ValueCentring): the mass A' lost to rounding (or gained) goes to the mean value instead of to
             0; nothing changes in analog mode, where A' 1 = 1
@@ -46,6 +53,7 @@ from models.synapse import StepProduct
 
 SPIKFORMER_SCALE = 0.125
 VARIANTS = ("ecm", "psa", "ssa", "a2os2a")
+ATTENTION_MAPS = ("row_max", "softmax")
 
 
 class ChannelAffine(nn.Module):
@@ -126,6 +134,39 @@ def causal_mask(n_q: int, n_k: int, like: torch.Tensor) -> torch.Tensor:
     return additive_mask(keep, like)
 
 
+def row_max_exp(s: torch.Tensor) -> torch.Tensor:
+    """exp(s - max_k s): softmax(s) before its normalisation, 1 at each row's largest score."""
+    return torch.exp(s - s.amax(-1, keepdim=True))
+
+
+class FlooredDivision:
+    """x / max(rows, floor): the division a RowNormalisation computes in expectation."""
+
+    def __init__(self, floor: float) -> None:
+        self.floor = float(floor)
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return x / rows.clamp_min(self.floor)
+
+    def __repr__(self) -> str:
+        return f"FlooredDivision(floor={self.floor})"
+
+
+class RowNormalisation(nn.Module):
+    """ECM((P V) / max(P 1, floor)) for the product stream P V and the map stream P (the row_max map): the row
+    sums are additions of the map's spikes (one per non-zero element); the division is computed in expectation,
+    like a softmax. In the ANN P's largest entry per row is 1, so P 1 >= 1, and a spiking row's largest entry
+    alone sends about its threshold (near 1) at every step: the floor, half of that (times the share of the map
+    a psa mask keeps), changes nothing in the ANN and keeps early steps' estimates from dividing by ~0."""
+
+    def __init__(self, floor: float = 0.5) -> None:
+        super().__init__()
+        self.divide = ExpectationCompensation(FlooredDivision(floor), streams=(0, 1))
+
+    def forward(self, out: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        return self.divide(out, attn.sum(-1, keepdim=True))
+
+
 class ValueCentring(nn.Module):
     """(1 - g A 1) mean_k(V) for an attention map stream A (scaled by ``gain`` g) and a value stream V, in
     expectation: one SpikeProduct of the row deficit [.., N, 1] and the keys' mean value [.., 1, d].
@@ -150,17 +191,24 @@ class SpikingSDPA(nn.Module):
     def __init__(self, variant: str, make_neuron: Callable[[bool], BaseNeuron], fixed_tokens: bool = True,
                  mask_p: float = 0.0, seed: int = 0, constant: Tuple[bool, bool, bool] = (False, False, False),
                  mask_rescale: bool = False, mask_operands: Tuple[str, ...] = MASK_OPERANDS,
-                 mask_schedule: str = "random", centre_values: bool = False) -> None:
+                 mask_schedule: str = "random", centre_values: bool = False,
+                 attention_map: str = "row_max") -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown attention {variant!r}: use one of {', '.join(VARIANTS)}")
+        if attention_map not in ATTENTION_MAPS:
+            raise ValueError(f"unknown attention map {attention_map!r}: use one of {', '.join(ATTENTION_MAPS)}")
         self.variant = variant
         if variant in ("ecm", "psa"):
             # a constant operand (a learned query, as in attention pooling) needs no neuron: its product is linear
             self.q_neuron, self.k_neuron, self.v_neuron = (nn.Identity() if c else make_neuron(True) for c in constant)
             self.qk = SpikeProduct()
-            self.softmax = ExpectationCompensation(nn.Softmax(dim=-1))
-            self.attn_neuron = make_neuron(False)
+            row_max = attention_map == "row_max"
+            if row_max and centre_values:
+                raise ValueError("value centring applies to the softmax attention map: the row_max map is "
+                                 "normalised by its own row sums and loses no mass")
+            self.softmax = ExpectationCompensation(row_max_exp if row_max else nn.Softmax(dim=-1))
+            self.attn_neuron = make_neuron(row_max)  # row_max: signed, so that later steps can take back spikes
             # its last axis is the key position: per-key thresholds only where the token count is fixed
             self.attn_neuron.channelwise = fixed_tokens
             self.av = SpikeProduct()
@@ -168,6 +216,7 @@ class SpikingSDPA(nn.Module):
             self.q_mask, self.k_mask, self.attn_mask = (SpikeMask(mask_p, seed + i, mask_schedule) if m else
                                                         nn.Identity() for i, m in enumerate(masked))
             self.mask_gain = 1.0 / (1.0 - mask_p) if mask_rescale else 1.0  # per operand a mask is applied to
+            self.normalise = RowNormalisation(0.5 * (1.0 - mask_p) if masked[2] else 0.5) if row_max else None
             self.centring = ValueCentring() if centre_values else None
         elif variant == "ssa":
             self.q_neuron, self.k_neuron, self.v_neuron = IFNeuron(1), IFNeuron(1), IFNeuron(1)
@@ -214,6 +263,8 @@ class SpikingSDPA(nn.Module):
             attn = attn + mask
         attn = self.attn_mask(self.attn_neuron(self.softmax(attn)))
         out = self.av(attn, v)
+        if self.normalise is not None:  # a ratio: the map's mask rescaling cancels
+            return self.normalise(out, attn)
         out = out * gains[2] if gains[2] != 1.0 else out
         if self.centring is None or self.attn_neuron.analog:  # analog: the rows sum to 1, nothing to centre
             return out
@@ -245,4 +296,6 @@ class SpikingSDPA(nn.Module):
                 (self.av, self.attn_neuron, spiking(self.v_neuron), False)] + centring
 
     def extra_repr(self) -> str:
+        if self.variant in ("ecm", "psa"):
+            return f"variant={self.variant}, map={'row_max' if self.normalise is not None else 'softmax'}"
         return f"variant={self.variant}"

@@ -275,21 +275,22 @@ def test_generalization_measures_options_beside_the_defaults(tmp_path, monkeypat
     md = tmp_path / "BENCHMARKS.md"
     common = ["--models", "vit_fmnist", "--eval-images", "16", "--timesteps", "2", "--levels", "1",
               "--benchmarks-md", str(md)]
-    assert gen.main(common + ["--option", "centre_values=true"]) == 0
+    assert gen.main(common + ["--option", "attention_map=softmax"]) == 0
     assert gen.main(common) == 0  # the defaults' run keeps the options' entry, and comes first
     res = json.loads((tmp_path / "generalization.json").read_text())
-    assert list(res["models"]) == ["vit_fmnist", "vit_fmnist with centre_values=True"]
-    with_options = res["models"]["vit_fmnist with centre_values=True"]
-    assert with_options["options"] == {"centre_values": True} and "percentile_L1" not in with_options
+    assert list(res["models"]) == ["vit_fmnist", "vit_fmnist with attention_map=softmax"]
+    with_options = res["models"]["vit_fmnist with attention_map=softmax"]
+    assert with_options["options"] == {"attention_map": "softmax"} and "percentile_L1" not in with_options
     default_cell = res["models"]["vit_fmnist"]["defaults"]["L=1"]["2"]["top1"]
     ann = res["models"]["vit_fmnist"]["ann_top1"]
     text = md.read_text()
-    assert "**vit_fmnist with centre_values=True**" in text and "In brackets: the defaults' cell" in text
-    assert f"({ann - default_cell:+.2f})" in text.split("with centre_values=True**")[1]
-    for bad in ("centre_values=maybe", "centring=true", "centre_values"):
+    assert "**vit_fmnist with attention_map=softmax**" in text and "In brackets: the defaults' cell" in text
+    assert f"({ann - default_cell:+.2f})" in text.split("with attention_map=softmax**")[1]
+    for bad, message in (("attention_map=maybe", "unknown attention.map 'maybe'"), ("attn_map=softmax", "attention_map"),
+                         ("attention_map", "'attention_map'")):
         with pytest.raises(SystemExit):
             gen.main(common + ["--option", bad])
-        assert "centre_values" in capsys.readouterr().err
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("config", ["cls_token", "avg_pool_no_cls", "register_tokens"])

@@ -29,8 +29,12 @@ def rel_err(per_step, ref):
 CENTRED = ["swin", "beit", "naflexvit", "siglip_map_head", "cait", "eva02"]
 
 
-@pytest.mark.parametrize("name, centre", [(n, False) for n in FAMILIES] + [(n, True) for n in CENTRED])
-def test_analog_mode_is_the_ann_and_the_snn_converges_as_one_over_t(name, centre):
+SOFTMAX_MAPS = [dict(attention_map="softmax"), dict(attention_map="softmax", centre_values=True)]
+
+
+@pytest.mark.parametrize("name, options", [(n, {}) for n in FAMILIES] + [(n, o) for n in CENTRED for o in SOFTMAX_MAPS],
+                         ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else v)
+def test_analog_mode_is_the_ann_and_the_snn_converges_as_one_over_t(name, options):
     """Neurons as identities give the ANN (1e-5); spiking, the error falls roughly as 1/T on the images the
     max thresholds were calibrated on (nothing clipped: the design's convergence property); also with the
     attention's value centring."""
@@ -39,7 +43,7 @@ def test_analog_mode_is_the_ann_and_the_snn_converges_as_one_over_t(name, centre
     with torch.no_grad():
         ref = ann(x)
     T = HORIZON.get(name, 64)
-    snn = convert(ann, x, timesteps=T, calibration="max", progress=False, step_mode="m", centre_values=centre)
+    snn = convert(ann, x, timesteps=T, calibration="max", progress=False, step_mode="m", **options)
     with analog_mode(snn.net), torch.no_grad():
         torch.testing.assert_close(snn.net(x), ref, atol=1e-5, rtol=1e-4)
     err = rel_err(snn.simulate(x), ref)

@@ -158,9 +158,10 @@ def test_distillation_alone_needs_no_labels_and_moves_toward_the_ann():
         target = torch.softmax(ann(images) / 2.0, -1)
     expected = 4.0 * (target * (target.log() - torch.log_softmax(logits / 2.0, -1))).sum(-1).mean()
     torch.testing.assert_close(ft._loss(logits, None, ft._teacher(snn), images, o), expected, rtol=1e-4, atol=1e-5)
-    finetune(snn, images, epochs=4, batch_size=16, distill=1.0, lr=1e-3, warmup=0.0, progress=False)
+    # per-epoch losses of two batches each are noisy: the last three epochs' mean against the first epoch
+    finetune(snn, images, epochs=12, batch_size=16, distill=1.0, lr=3e-3, warmup=0.0, progress=False)
     loss = snn.finetune_report["loss"]
-    assert loss[-1] < loss[0]
+    assert sum(loss[-3:]) / 3 < loss[0], loss
 
 
 @pytest.mark.parametrize("options", [{}, dict(coding="differential", levels=2)])

@@ -23,7 +23,8 @@ VARIANTS = [dict(attention="ssa"), dict(attention="a2os2a"), dict(attention="psa
             dict(attention="psa", mask_p=0.25, mask_operands="q+k", mask_schedule="even", mask_rescale=True),
             dict(residual="spike_driven"), dict(attention="ssa", residual="spike_driven"),
             dict(attention="ssa", norm="constant"), dict(residual="spike_driven", norm="constant"),
-            dict(centre_values=True)]
+            dict(attention_map="softmax"), dict(attention_map="softmax", centre_values=True),
+            dict(attention="psa", mask_p=0.25, mask_operands="attn")]
 ids = lambda o: "-".join(map(str, o.values()))  # noqa: E731
 
 
@@ -100,12 +101,14 @@ def test_a2os2a_value_sets_at_every_step(config, step_mode):
 
 
 class CountSoftmax(TorchFunctionMode):
+    """Calls of the attention's exponential: a softmax, or the exp of the row_max map (models.attention)."""
+
     def __init__(self):
         super().__init__()
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in ("softmax", "_softmax", "log_softmax"):
+        if getattr(func, "__name__", "") in ("softmax", "_softmax", "log_softmax", "exp"):
             self.calls += 1
         return func(*args, **(kwargs or {}))
 
@@ -432,6 +435,97 @@ def test_feature_distillation_brings_the_blocks_toward_the_ann(options, config):
     assert after[100.0] < 0.9 * min(before, after[0.0]), (before, after)
 
 
+# ---- the row_max attention map -------------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(steps=st.integers(1, 6), n=st.integers(1, 7), d=st.integers(1, 5), scale=st.floats(1, 10),
+       floor=st.sampled_from([0.5, 0.375]), seed=st.integers(0, 2 ** 16), step_mode=st.sampled_from("sm"))
+def test_row_normalisation_is_the_ratio_of_the_running_means(steps, n, d, scale, floor, seed, step_mode):
+    """For any map stream P(t) (a spiking one: signed, rows summing to anything) and value stream V(t), the
+    outputs of (P V) then RowNormalisation sum over t steps to t (mean_P mean_V) / max(mean_P 1, floor) at every t,
+    in step and multi-step mode, and a positive scale of the map changes nothing while its row sums stay above
+    the floor (a ratio: psa's rescaling of the map is not needed)."""
+    from models.attention import RowNormalisation
+    gen = torch.Generator().manual_seed(seed)
+    attn = torch.randint(-1, 3, (steps, 2, n, n), generator=gen).float()
+    v = torch.randn(steps, 2, n, d, generator=gen)
+
+    def outputs(a):
+        core = SpikingSDPA("ecm", lambda signed: BaseNeuron())
+        core.normalise = RowNormalisation(floor)
+        for m in (core.av, core.normalise.divide):
+            m.step_mode, m.timesteps = step_mode, steps
+        if step_mode == "m":
+            x, y = a.flatten(0, 1), v.flatten(0, 1)
+            return core.normalise(core.av(x, y), x).reshape(steps, 2, n, d)
+        return torch.stack([core.normalise(core.av(a[t], v[t]), a[t]) for t in range(steps)])
+
+    out = outputs(attn)
+    t = torch.arange(1, steps + 1, dtype=torch.float32).reshape(-1, 1, 1, 1)
+    mean_a, mean_v = attn.cumsum(0) / t, v.cumsum(0) / t
+    want = (mean_a @ mean_v) / mean_a.sum(-1, keepdim=True).clamp_min(floor)
+    torch.testing.assert_close(out.cumsum(0) / t, want, atol=1e-4, rtol=1e-4)
+    positive = attn.abs() + 1.0  # row sums >= 1 >= floor, also once scaled by >= 1
+    torch.testing.assert_close(outputs(positive * scale), outputs(positive), atol=1e-4, rtol=1e-4)
+
+
+def test_row_max_map_peaks_at_one_in_every_row_and_uses_a_signed_neuron():
+    """The row_max map's neuron sees exp(s - max_k s) in analog mode (every row's largest entry exactly 1, all in
+    (0, 1]), is signed (a later step can take back an early spike), and the attention computes the ANN's."""
+    x = _images(4)
+    snn = convert(build("cls_token"), x, timesteps=4, progress=False)
+    core = snn.net.blocks[0].attn.attend
+    assert core.attn_neuron.signed and core.normalise is not None
+    seen = []
+    hook = core.attn_neuron.register_forward_pre_hook(lambda m, i: seen.append(i[0]))
+    with analog_mode(snn.net), torch.no_grad():
+        snn.net(x)
+    hook.remove()
+    p = seen[0]
+    assert p.min() > 0 and p.max() <= 1
+    torch.testing.assert_close(p.amax(-1), torch.ones_like(p.amax(-1)))
+    softmax = convert(build("cls_token"), x, timesteps=4, attention_map="softmax", progress=False)
+    assert not softmax.net.blocks[0].attn.attend.attn_neuron.signed
+
+
+def test_row_normalisation_counts_its_row_sums():
+    """Energy: the map's row sums are one addition per non-zero spike of the map (hand count); the division is a
+    compensated non-linearity, one MAC per output element per step."""
+    x = _images(4)
+    T = 3
+    snn = convert(build("cls_token"), x, timesteps=T, progress=False)
+    core = snn.net.blocks[0].attn.attend
+    seen = []
+    hook = core.normalise.register_forward_hook(  # spiking steps only (the report also runs the ANN once)
+        lambda m, i, o: None if core.attn_neuron.analog else seen.append((int(i[1].count_nonzero()), o.numel())))
+    layers = energy_report(snn, x[:2], timesteps=T)["layers"]
+    hook.remove()
+    assert len(seen) == T
+    adds, macs = sum(a for a, _ in seen) / 2, sum(n for _, n in seen) / 2
+    assert layers["blocks.0.attn.attend.normalise"]["sops"] == pytest.approx(adds) and adds > 0
+    assert layers["blocks.0.attn.attend.normalise"]["strict_sops"] == pytest.approx(adds)
+    divide = layers["blocks.0.attn.attend.normalise.divide"]
+    assert divide["macs"] == divide["strict_macs"] == pytest.approx(macs)
+
+
+def test_checkpoints_from_before_the_map_option_load_with_the_softmax_map(tmp_path):
+    """A file whose options predate ``attention_map`` was a softmax-map conversion: it loads as one, bitwise."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    x = _images(4)
+    snn = convert(build("cls_token"), x, timesteps=3, attention_map="softmax", progress=False)
+    save(snn, tmp_path / "snn.safetensors")
+    with safe_open(str(tmp_path / "snn.safetensors"), "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["config"])
+    del config["options"]["attention_map"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={**meta, "config": json.dumps(config)})
+    old = load(tmp_path / "old.safetensors")
+    assert old.options["attention_map"] == "softmax"
+    torch.testing.assert_close(old.simulate(x), snn.simulate(x), atol=0, rtol=0)
+
+
 # ---- value centring ------------------------------------------------------------------------------------------
 
 @settings(max_examples=40, deadline=None)
@@ -446,7 +540,7 @@ def test_centred_attention_moves_with_a_constant_added_to_the_values(steps, n, d
     v = torch.randn(steps, 2, n, d, generator=gen)
 
     def outputs(values):
-        core = SpikingSDPA("ecm", lambda signed: BaseNeuron(), centre_values=True)
+        core = SpikingSDPA("ecm", lambda signed: BaseNeuron(), centre_values=True, attention_map="softmax")
         for m in (core.av, core.centring.product):
             m.step_mode, m.timesteps = step_mode, steps
         if step_mode == "m":
@@ -464,7 +558,7 @@ def test_centring_counts_its_additions_and_its_outer_product():
     product of the deficit [N, 1] and the mean [1, d] is N d MACs per head and step (hand count)."""
     x = _images(4)
     T = 3
-    snn = convert(build("cls_token"), x, timesteps=T, centre_values=True, progress=False)
+    snn = convert(build("cls_token"), x, timesteps=T, centre_values=True, attention_map="softmax", progress=False)
     core = snn.net.blocks[0].attn.attend
     seen = []
     hook = core.centring.register_forward_hook(lambda m, i, o: seen.append((int(i[0].count_nonzero())
@@ -494,6 +588,9 @@ def test_centring_counts_its_additions_and_its_outer_product():
     (dict(attention="psa", mask_p=0.2, mask_operands="v"), "unknown attention.mask_operands 'v': use one of q"),
     (dict(attention="psa", mask_p=0.2, mask_schedule="sobol"), "unknown attention.mask_schedule 'sobol'"),
     (dict(attention="ssa", centre_values=True), "attention.centre_values=true applies to attention=ecm or psa"),
+    (dict(centre_values=True), "attention.centre_values=true applies to attention.map=softmax"),
+    (dict(attention="ssa", attention_map="softmax"), "attention.map=softmax applies to attention=ecm or psa"),
+    (dict(attention_map="probabilities"), "unknown attention.map 'probabilities': use one of row_max, softmax"),
     (dict(attention="a2os2a", levels=4), "attention=a2os2a uses binary Q and ternary V"),
     (dict(attention="ssa", neuron="multi_threshold", levels=1), "attention=ssa uses binary Q, K, V"),
     (dict(residual="spike_driven", levels=2), "residual=spike_driven uses binary inputs"),
