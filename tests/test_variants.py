@@ -488,26 +488,6 @@ def test_row_max_map_peaks_at_one_in_every_row_and_uses_a_signed_neuron():
     assert not softmax.net.blocks[0].attn.attend.attn_neuron.signed
 
 
-def test_row_normalisation_counts_its_row_sums():
-    """Energy: the map's row sums are one addition per non-zero spike of the map (hand count); the division is a
-    compensated non-linearity, one MAC per output element per step."""
-    x = _images(4)
-    T = 3
-    snn = convert(build("cls_token"), x, timesteps=T, progress=False)
-    core = snn.net.blocks[0].attn.attend
-    seen = []
-    hook = core.normalise.register_forward_hook(  # spiking steps only (the report also runs the ANN once)
-        lambda m, i, o: None if core.attn_neuron.analog else seen.append((int(i[1].count_nonzero()), o.numel())))
-    layers = energy_report(snn, x[:2], timesteps=T)["layers"]
-    hook.remove()
-    assert len(seen) == T
-    adds, macs = sum(a for a, _ in seen) / 2, sum(n for _, n in seen) / 2
-    assert layers["blocks.0.attn.attend.normalise"]["sops"] == pytest.approx(adds) and adds > 0
-    assert layers["blocks.0.attn.attend.normalise"]["strict_sops"] == pytest.approx(adds)
-    divide = layers["blocks.0.attn.attend.normalise.divide"]
-    assert divide["macs"] == divide["strict_macs"] == pytest.approx(macs)
-
-
 def test_checkpoints_from_before_the_map_option_load_with_the_softmax_map(tmp_path):
     """A file whose options predate ``attention_map`` was a softmax-map conversion: it loads as one, bitwise."""
     import json
@@ -553,24 +533,33 @@ def test_centred_attention_moves_with_a_constant_added_to_the_values(steps, n, d
     torch.testing.assert_close(moved, torch.full_like(moved, shift), atol=1e-4, rtol=1e-4)
 
 
-def test_centring_counts_its_additions_and_its_outer_product():
-    """Energy: the map's row sums and the keys' mean value are one addition per non-zero element; the outer
-    product of the deficit [N, 1] and the mean [1, d] is N d MACs per head and step (hand count)."""
+@pytest.mark.parametrize("options, part, operands, inner", [
+    ({}, "normalise", (1,), "divide"),
+    (dict(centre_values=True, attention_map="softmax"), "centring", (0, 1), "product")], ids=["row_max", "centring"])
+def test_attention_map_sums_count_their_additions(options, part, operands, inner):
+    """Energy, hand count: the row_max normalisation's row sums of the map, and the centring's row sums of the map
+    and mean of the values, are one addition per non-zero element; the division (one per output element) and
+    the centring's outer product of the deficit [N, 1] and the mean [1, d] are N d MACs per head and step."""
     x = _images(4)
     T = 3
-    snn = convert(build("cls_token"), x, timesteps=T, centre_values=True, attention_map="softmax", progress=False)
+    snn = convert(build("cls_token"), x, timesteps=T, progress=False, **options)
     core = snn.net.blocks[0].attn.attend
     seen = []
-    hook = core.centring.register_forward_hook(lambda m, i, o: seen.append((int(i[0].count_nonzero())
-                                                                            + int(i[1].count_nonzero()), o.numel())))
+
+    def record(module, inputs, output):  # spiking steps only (the report also runs the ANN once)
+        if not core.attn_neuron.analog:
+            seen.append((sum(int(inputs[i].count_nonzero()) for i in operands), output.numel()))
+    hook = getattr(core, part).register_forward_hook(record)
     layers = energy_report(snn, x[:2], timesteps=T)["layers"]
     hook.remove()
     assert len(seen) == T
     adds, macs = sum(a for a, _ in seen) / 2, sum(n for _, n in seen) / 2
-    assert layers["blocks.0.attn.attend.centring"]["sops"] == pytest.approx(adds) and adds > 0
-    assert layers["blocks.0.attn.attend.centring"]["strict_sops"] == pytest.approx(adds)
-    product = layers["blocks.0.attn.attend.centring.product"]
-    assert product["macs"] == product["strict_macs"] == pytest.approx(macs) and "ann_macs" not in product
+    name = f"blocks.0.attn.attend.{part}"
+    assert layers[name]["sops"] == pytest.approx(adds) and adds > 0
+    assert layers[name]["strict_sops"] == pytest.approx(adds)
+    ops = layers[f"{name}.{inner}"]
+    assert ops["macs"] == ops["strict_macs"] == pytest.approx(macs)
+    assert ("ann_macs" in ops) == (part == "normalise")  # the ANN divides too; it has no centring
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
