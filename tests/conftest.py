@@ -67,6 +67,11 @@ def build(name: str, seed: int = 0, fused: bool = True) -> nn.Module:
 ALL_CONFIGS = list(CONFIGS) + ["distilled"]
 
 
+def option_ids(value):
+    """pytest ids for parameters that are convert() option dicts: key=value joined by '-'."""
+    return "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
+
+
 @pytest.fixture
 def images():
     torch.manual_seed(1)

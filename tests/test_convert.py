@@ -9,7 +9,7 @@ from calibration import analog_mode
 from convert import UnsupportedModuleError, convert
 from models.neurons import BaseNeuron
 from models.synapse import SpikingSynapse
-from tests.conftest import ALL_CONFIGS, build
+from tests.conftest import ALL_CONFIGS, build, option_ids
 
 
 def rel_err(per_step, ref):
@@ -33,7 +33,7 @@ def calibration_images(n=64, seed=3):
     (n, "max", {}) for n in ("cls_token", "avg_pool_no_cls", "register_tokens", "relu_mlp")] + [
     (n, "mse", o) for n in ("cls_token", "avg_pool_no_cls", "register_tokens", "no_qkv_bias", "distilled")
     for o in (dict(attention_map="softmax"), dict(attention_map="softmax", centre_values=True))],
-    ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else v)
+    ids=option_ids)
 def test_snn_converges_to_ann_on_unseen_images(name, calibration, options):
     """Calibrated on 64 images for T, evaluated on 6 others: the error at T is a fraction of the error at T/8 (the
     default mse thresholds are chosen for T; a prefix token's row never narrows the range); also with the softmax

@@ -11,6 +11,7 @@ from models.families import TINY, tiny
 from models.neurons import BaseNeuron
 from models.state import run_steps
 from models.synapse import SpikingProduct, SpikingSynapse
+from tests.conftest import option_ids
 
 FAMILIES = sorted(TINY)
 # deep stacks of non-linear stages (convolutional stems and MBConv stages) settle more slowly
@@ -33,11 +34,11 @@ SOFTMAX_MAPS = [dict(attention_map="softmax"), dict(attention_map="softmax", cen
 
 
 @pytest.mark.parametrize("name, options", [(n, {}) for n in FAMILIES] + [(n, o) for n in CENTRED for o in SOFTMAX_MAPS],
-                         ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else v)
+                         ids=option_ids)
 def test_analog_mode_is_the_ann_and_the_snn_converges_as_one_over_t(name, options):
     """Neurons as identities give the ANN (1e-5); spiking, the error falls roughly as 1/T on the images the
-    max thresholds were calibrated on (nothing clipped: the design's convergence property); also with the
-    attention's value centring."""
+    max thresholds were calibrated on (nothing clipped: the design's convergence property); with the default
+    row_max attention map, and on some families also with the softmax map, with and without value centring."""
     ann, size = tiny(name)
     x = images(size, 4, seed=1)
     with torch.no_grad():

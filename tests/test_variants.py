@@ -471,7 +471,7 @@ def test_row_normalisation_is_the_ratio_of_the_running_means(steps, n, d, scale,
 
 def test_row_max_map_peaks_at_one_in_every_row_and_uses_a_signed_neuron():
     """The row_max map's neuron sees exp(s - max_k s) in analog mode (every row's largest entry exactly 1, all in
-    (0, 1]), is signed (a later step can take back an early spike), and the attention computes the ANN's."""
+    (0, 1]) and is signed (a later step can take back an early spike); the softmax map's is unsigned."""
     x = _images(4)
     snn = convert(build("cls_token"), x, timesteps=4, progress=False)
     core = snn.net.blocks[0].attn.attend
