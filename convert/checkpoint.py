@@ -106,6 +106,8 @@ def read_metadata(path: Path) -> dict:
     if version > VERSION:
         raise ValueError(f"{path} was written by a newer format version ({version} > {VERSION}): "
                          f"upgrade vit-snn to load it")
+    if isinstance(config.get("options"), dict):  # files from before attention_map was an option spiked the softmax
+        config["options"] = {"attention_map": "softmax", **config["options"]}
     return config
 
 
@@ -159,9 +161,7 @@ def load(path, device: str = "cpu"):
         ann = rebuild(arch)
     except (SafetensorError, OSError, KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise ValueError(f"{path} cannot be rebuilt: {exc}") from None
-    # files written before attention_map was an option spiked the softmax map
-    options = {"attention_map": "softmax", **config["options"]}
-    snn = build_spiking(ann, config["timesteps"], options, config.get("inputs"))
+    snn = build_spiking(ann, config["timesteps"], config["options"], config.get("inputs"))
     snn.architecture = arch
     _load_weights(snn.net, state, path, config.get("aliases"))
     snn.calibration_report = config.get("calibration_report", {})
