@@ -2,7 +2,7 @@
 
     python -m benchmarks.generalization [--models vit_fmnist vit_fmnist_gap ...] [--eval-images N]
                                         [--timesteps 1 2 4 8 16 32 64] [--levels 1 4 16] [--levels-max-t 16]
-                                        [--option KEY=VALUE ...]
+                                        [--option KEY=VALUE ...] [--add]
 
 For every model with weights in models/assets/ (``python -m models.train_reference --model NAME`` makes
 them) and every alphabet L, one conversion per T with the default options (signed IF, thresholds chosen
@@ -13,7 +13,9 @@ depend on T, so one anytime run gives every T). Conversion (calibration) seconds
 Writes benchmarks/results/generalization.json and generalization.png and the section of BENCHMARKS.md
 between the ``generalization`` markers. ``--option`` (convert()'s keyword, a YAML value) measures the same grid
 with options on top of the defaults, kept beside the defaults' run as its own entry (beside the same model's
-default cells, and not in the plot, which shows the defaults).
+default cells, and not in the plot, which shows the defaults). ``--add`` adds the run's cells to the saved entry
+of the same model and options (measured on as many test images) instead of replacing it, without the previous
+default's run; the entry lists every command that measured its cells.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def entry_name(model: str, options: dict) -> str:
     return model if not options else model + " with " + ", ".join(f"{k}={v}" for k, v in options.items())
 
 
-def run(models, timesteps, levels, levels_max_t, eval_images, options=None) -> dict:
+def run(models, timesteps, levels, levels_max_t, eval_images, options=None, baseline=True) -> dict:
     test_data = fashion_mnist("test")
     test = test_data.dataset if eval_images is None else Subset(test_data.dataset, range(eval_images))
     loader = DataLoader(test, batch_size=250)
@@ -65,7 +67,7 @@ def run(models, timesteps, levels, levels_max_t, eval_images, options=None) -> d
                 print(f"{name} L={L} T={T}: {row[T]['top1']:.2f} (ANN {r['ann_top1']:.2f})", file=sys.stderr,
                       flush=True)
             res["defaults"][f"L={L}"] = row
-        if options:  # the previous default's run belongs to the defaults' entry
+        if options or not baseline:  # the previous default's run belongs to the defaults' entry
             out["models"][entry_name(name, options)] = res
             continue
         t0 = time.time()
@@ -86,7 +88,8 @@ def markdown(res: dict) -> str:
         Ts = sorted({int(t) for row in m["defaults"].values() for t in row})
         base = res["models"].get(m.get("model", name), {}) if m.get("options") else None
         note = "" if base is None else " In brackets: the defaults' cell (above)."
-        lines += [f"**{name}** (ANN {m['ann_top1']:.2f}%): `{m['command']}` on {m['date']}, {m['machine']}; "
+        commands = "`, `".join(m.get("commands", [m["command"]]))
+        lines += [f"**{name}** (ANN {m['ann_top1']:.2f}%): `{commands}` on {m['date']}, {m['machine']}; "
                   f"{m['images']} test images ({m['data']}).{note}", "",
                   "| L | " + " | ".join(f"T={t}" for t in Ts) + " |", "|---|" + "---|" * len(Ts)]
         for L, row in m["defaults"].items():
@@ -138,6 +141,15 @@ def figure(res: dict):
     return fig
 
 
+def added(saved: dict, new: dict) -> dict:
+    """``saved`` with ``new``'s cells and conversion seconds on top, and its command appended."""
+    out = {**saved, "commands": saved.get("commands", [saved["command"]]) + [new["command"]], "date": new["date"]}
+    for key in ("defaults", "convert_s"):
+        out[key] = {**saved[key], **{L: {**saved[key].get(L, {}), **row} for L, row in new[key].items()
+                                     if isinstance(row, dict)}}
+    return out
+
+
 def write_section(path: Path, body: str) -> None:
     outputs.write_section(path, f"{START}\n## Do the defaults generalise? Models x T x alphabet\n\n{body}\n{END}\n")
 
@@ -153,18 +165,33 @@ def main(argv=None) -> int:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a convert() option on top of the defaults (YAML value), e.g. centre_values=true")
     parser.add_argument("--benchmarks-md", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--add", action="store_true",
+                        help="add the cells to the saved entry (same model, options and test images) instead of "
+                             "replacing it")
     args = parser.parse_args(argv)
     try:
         options = parse_options(args.option)
     except ValueError as exc:
         parser.error(str(exc))
     torch.manual_seed(0)
-    res = run(args.models, sorted(args.timesteps), args.levels, args.levels_max_t, args.eval_images, options)
+    saved = RESULTS / "generalization.json"
+    old = json.loads(saved.read_text())["models"] if saved.is_file() else {}
+    if args.add:
+        images = args.eval_images or len(fashion_mnist("test").dataset)
+        for name in (entry_name(n, options) for n in args.models):
+            if name not in old:
+                parser.error(f"--add: no saved entry for {name} in {saved}: run it without --add first")
+            if old[name]["images"] != images:
+                parser.error(f"--add: the saved {name} cells are on {old[name]['images']} test images, this run "
+                             f"would be on {images}: use --eval-images {old[name]['images']}")
+    res = run(args.models, sorted(args.timesteps), args.levels, args.levels_max_t, args.eval_images, options,
+              baseline=not args.add)
     RESULTS.mkdir(parents=True, exist_ok=True)
     res = json.loads(json.dumps(res))  # the table and plot read what the JSON file holds (string keys)
-    saved = RESULTS / "generalization.json"
-    if saved.is_file():  # models measured by earlier runs stay (each with its own command and image count)
-        res["models"] = {**json.loads(saved.read_text())["models"], **res["models"]}
+    if args.add:
+        res["models"] = {name: added(old[name], new) for name, new in res["models"].items()}
+    if old:  # models measured by earlier runs stay (each with its own command and image count)
+        res["models"] = {**old, **res["models"]}
         order = {n: i for i, n in enumerate(FMNIST_MODELS)}  # by model, each model's defaults first
         res["models"] = dict(sorted(res["models"].items(),
                                     key=lambda kv: (order[kv[1].get("model", kv[0])], bool(kv[1].get("options")))))

@@ -293,6 +293,34 @@ def test_generalization_measures_options_beside_the_defaults(tmp_path, monkeypat
         assert message in capsys.readouterr().err
 
 
+def test_generalization_add_keeps_the_saved_cells(tmp_path, monkeypatch, capsys):
+    import sys
+    from benchmarks import generalization as gen
+    monkeypatch.setattr(gen, "RESULTS", tmp_path)
+    monkeypatch.setattr(gen, "calibration_images", lambda real=gen.calibration_images: real(64))
+    md = tmp_path / "BENCHMARKS.md"
+    common = ["--models", "vit_fmnist", "--eval-images", "16", "--benchmarks-md", str(md)]
+    with pytest.raises(SystemExit):  # nothing saved to add to
+        gen.main(common + ["--timesteps", "2", "--levels", "1", "--add"])
+    assert "no saved entry for vit_fmnist" in capsys.readouterr().err
+    assert gen.main(common + ["--timesteps", "2", "--levels", "1"]) == 0
+    first = json.loads((tmp_path / "generalization.json").read_text())["models"]["vit_fmnist"]
+    add = common + ["--timesteps", "1", "--levels", "1", "4", "--add"]
+    monkeypatch.setattr(sys, "argv", ["generalization"] + add)  # the command the entry records
+    assert gen.main(add) == 0
+    entry = json.loads((tmp_path / "generalization.json").read_text())["models"]["vit_fmnist"]
+    assert entry["defaults"]["L=1"]["2"] == first["defaults"]["L=1"]["2"]  # kept, not rerun
+    assert set(entry["defaults"]["L=1"]) == {"1", "2"} and set(entry["defaults"]["L=4"]) == {"1"}
+    assert entry["percentile_L1"] == first["percentile_L1"] and entry["convert_s"]["percentile"] == \
+        first["convert_s"]["percentile"]
+    assert len(entry["commands"]) == 2 and entry["commands"][1].endswith("--add")
+    assert entry["commands"][1] in md.read_text()
+    with pytest.raises(SystemExit):  # cells on other test images do not mix
+        gen.main(["--models", "vit_fmnist", "--eval-images", "8", "--timesteps", "4", "--levels", "1", "--add",
+                  "--benchmarks-md", str(md)])
+    assert "use --eval-images 16" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("config", ["cls_token", "avg_pool_no_cls", "register_tokens"])
 def test_error_sources_group_every_neuron_once_and_leave_them_spiking(config, images):
     from benchmarks import error_sources as es
