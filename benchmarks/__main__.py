@@ -18,7 +18,7 @@ from torch.utils.data import Subset
 
 from benchmarks import calibration as cal_bench
 from benchmarks import outputs
-from benchmarks.core import calibration_images, fidelity, machine_info, peak_memory_mb, timing
+from benchmarks.core import calibration_images, fidelity, machine_info, peak_memory_mb, timing, write_whole
 from convert import DEFAULTS
 from convert.plots import png_bytes, sweep_figure
 from convert.run import sweep_rows
@@ -105,7 +105,7 @@ def main() -> None:
         old = args.markdown.read_text()
         keep = old[old.index("<!-- "):] if "<!-- " in old else ""
         command = old.split("Measured with `", 1)[1].split("`", 1)[0]
-        args.markdown.write_text(markdown(saved["core"], saved["calibration"], command) + "\n" + keep)
+        write_whole(args.markdown, markdown(saved["core"], saved["calibration"], command) + "\n" + keep)
         return
     command = "python -m benchmarks" + (" --quick" if args.quick else "")
     eval_images = 500 if args.quick else None
@@ -114,13 +114,13 @@ def main() -> None:
         else cal_bench.METHODS
     cal_res = cal_bench.run(eval_images, levels=(1,) if args.quick else (1, 4), methods=methods)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"core": core_res, "calibration": cal_res}, indent=2))
+    write_whole(args.out / "results.json", json.dumps({"core": core_res, "calibration": cal_res}, indent=2))
     rows = [r for name, res in core_res["fidelity"].items() for r in sweep_rows(f"signed IF {name}", res)]
     ann_top1 = next(iter(core_res["fidelity"].values()))["ann_top1"]
-    (args.out / "fidelity.png").write_bytes(png_bytes(sweep_figure(rows, ann_top1, "vit_fmnist on Fashion-MNIST")))
+    write_whole(args.out / "fidelity.png", png_bytes(sweep_figure(rows, ann_top1, "vit_fmnist on Fashion-MNIST")))
     old = args.markdown.read_text() if args.markdown.exists() else ""
     keep = old[old.index("<!-- "):] if "<!-- " in old else ""  # the other benchmarks' sections
-    args.markdown.write_text(markdown(core_res, cal_res, command) + "\n" + keep)
+    write_whole(args.markdown, markdown(core_res, cal_res, command) + "\n" + keep)
     outputs.write_section(args.markdown, outputs.markdown(outputs.run(64 if args.quick else 256), command))
     print(f"wrote {args.markdown} and {args.out}/", file=sys.stderr)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch.utils.data import Subset
 
-from benchmarks.core import calibration_images, command_line, fidelity, machine_info
+from benchmarks.core import calibration_images, command_line, fidelity, machine_info, write_whole
 from models.data import fashion_mnist
 from models.zoo import create_ann
 
@@ -63,7 +63,7 @@ def main() -> None:
     results = run(args.eval_images)
     results["command"] = command_line("benchmarks.calibration")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "calibration.json").write_text(json.dumps(results, indent=2))
+    write_whole(args.out / "calibration.json", json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

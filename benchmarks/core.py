@@ -33,6 +33,17 @@ from models.data import fashion_mnist
 from models.zoo import create_ann
 
 
+def write_whole(path: Path, data) -> None:
+    """Write ``data`` (str or bytes) to ``path`` through a temporary name and a rename: a reader (or a later run
+    that merges into the file) finds the whole new file or the old one, never half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
+    tmp.replace(path)
+
+
 def calibration_images(n: int = 512, seed: int = 0) -> torch.Tensor:
     train = fashion_mnist("train").dataset
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
@@ -172,7 +183,7 @@ def main() -> None:
     results["timing_batch64"] = timing(ann, calib[:64])
     results["peak_memory_mb"] = {m: {T: peak_memory_mb(m, T) for T in args.memory_t} for m in ("s", "m")}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "core.json").write_text(json.dumps(results, indent=2))
+    write_whole(args.out / "core.json", json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k != "fidelity"}, indent=2))
     for name, res in results["fidelity"].items():
         print(name, "ANN", round(res["ann_top1"], 2),

@@ -25,6 +25,7 @@ from typing import Dict, List
 import timm
 import torch
 
+from benchmarks.core import write_whole
 from convert.api import build_spiking
 from convert.network import input_spec
 from models.families import HYBRID, PURE_ATTENTION, TINY, tiny
@@ -144,14 +145,12 @@ def main(argv=None) -> int:
         parser.error(f"unknown families {', '.join(unknown)}: use some of {', '.join(PURE_ATTENTION + HYBRID)}")
     res = run(args.families, args.quick)
     command = "python -m benchmarks.coverage" + (" --quick" if args.quick else "")
-    Path(args.out).write_text(markdown(res, command))
+    write_whole(Path(args.out), markdown(res, command))
     print(f"wrote {args.out}")
     if not args.quick and set(args.families) == set(PURE_ATTENTION + HYBRID):
         table = {"timm": timm.__version__, "date": str(datetime.date.today()),
                  "architectures": {a: r["reason"] for rows in res["families"].values() for a, r in rows.items()}}
-        tmp = Path(args.table).with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(table, indent=0, sort_keys=True))
-        tmp.replace(args.table)
+        write_whole(Path(args.table), json.dumps(table, indent=0, sort_keys=True))
         print(f"wrote {args.table}")
     return 0
 

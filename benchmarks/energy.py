@@ -29,10 +29,12 @@ from typing import Dict, List
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from benchmarks.core import accuracy_and_energy, calibration_images, command_line, finetune_curve, machine_info
+from benchmarks.core import (accuracy_and_energy, calibration_images, command_line, finetune_curve, machine_info,
+                             write_whole)
 from benchmarks.outputs import benchmark_main
 from benchmarks.peers import spikingjelly_run
 from convert import convert
+from convert.plots import png_bytes
 from models.data import fashion_mnist
 from models.torchvision_port import to_torchvision
 from models.zoo import create_ann
@@ -338,7 +340,7 @@ def _run(args, grid):
 def save_figure(res: dict, args) -> None:
     """benchmarks/results/energy[-quick].png from the results."""
     args.out.mkdir(parents=True, exist_ok=True)
-    figure(res).savefig(args.out / ("energy-quick.png" if args.quick else "energy.png"), dpi=110)
+    write_whole(args.out / ("energy-quick.png" if args.quick else "energy.png"), png_bytes(figure(res), dpi=110))
 
 
 def _arguments(parser):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 
-from benchmarks.core import calibration_images, command_line, machine_info
+from benchmarks.core import calibration_images, command_line, machine_info, write_whole
 from convert import convert, energy_report, load, save
 from models.data import fashion_mnist
 from models.zoo import create_ann
@@ -68,9 +68,7 @@ def write_section(md_path: Path, section: str) -> None:
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end) + "\n?", lambda _: section, text, flags=re.S)
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    tmp = md_path.with_name(md_path.name + ".tmp")  # a whole file or the old one, never half of it
-    tmp.write_text(text)
-    tmp.replace(md_path)
+    write_whole(md_path, text)
 
 
 def benchmark_main(name: str, doc: str, run_full, run_quick, markdown, add_arguments=None, variant=None,
@@ -95,7 +93,7 @@ def benchmark_main(name: str, doc: str, run_full, run_quick, markdown, add_argum
         res = run_quick(args) if args.quick else run_full(args)
         res["command"] = command_line(f"benchmarks.{name}", skip=("--render",))
         args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res, indent=2))
+        write_whole(path, json.dumps(res, indent=2))
     if plot:
         plot(res, args)
     write_section(args.markdown, markdown(res, res.get("command", f"python -m benchmarks.{name}").strip()))

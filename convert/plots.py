@@ -42,8 +42,8 @@ def _finish(fig, ax, xlabel: str, title: str):
     return fig
 
 
-def png_bytes(fig) -> bytes:
+def png_bytes(fig, dpi: int = 120) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     return buf.getvalue()

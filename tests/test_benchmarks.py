@@ -267,6 +267,28 @@ def test_benchmark_command_line_writes_results_section_and_plot(tmp_path, monkey
     assert f"{value} python -m benchmarks.toy" in md.read_text() and json.loads((out / "toy.json").read_text())
 
 
+@pytest.mark.parametrize("data", ["new text", b"new bytes"])
+def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch, data):
+    """write_whole replaces a file in one rename; a write that fails half way leaves the old file whole."""
+    from pathlib import Path
+
+    from benchmarks.core import write_whole
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    write_whole(path, data)
+    assert (path.read_bytes() if isinstance(data, bytes) else path.read_text()) == data
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+    def half(self, d):  # the disk fills after the first byte
+        open(self, "wb").write(d[:1] if isinstance(d, bytes) else d[:1].encode())
+        raise OSError("No space left on device")
+    monkeypatch.setattr(Path, "write_text", half)
+    monkeypatch.setattr(Path, "write_bytes", half)
+    with pytest.raises(OSError):
+        write_whole(path, data * 2)
+    assert (path.read_bytes() if isinstance(data, bytes) else path.read_text()) == data
+
+
 def test_generalization_measures_options_beside_the_defaults(tmp_path, monkeypatch, capsys):
     import json
     from benchmarks import generalization as gen
@@ -313,8 +335,11 @@ def test_generalization_add_keeps_the_saved_cells(tmp_path, monkeypatch, capsys)
     assert set(entry["defaults"]["L=1"]) == {"1", "2"} and set(entry["defaults"]["L=4"]) == {"1"}
     assert entry["percentile_L1"] == first["percentile_L1"] and entry["convert_s"]["percentile"] == \
         first["convert_s"]["percentile"]
-    assert len(entry["commands"]) == 2 and entry["commands"][1].endswith("--add")
-    assert entry["commands"][1] in md.read_text()
+    assert len(entry["runs"]) == 2 and entry["runs"][1][0].endswith("--add")
+    assert entry["runs"][1][0] in md.read_text()
+    entry["runs"][0][1] = "2000-01-01"  # runs of other days: each command with its date
+    assert f"`{entry['runs'][0][0]}` (2000-01-01), `{entry['runs'][1][0]}` ({entry['runs'][1][1]})" in \
+        gen.markdown({"models": {"vit_fmnist": entry}, **{k: v for k, v in first.items() if k == "machine"}})
     with pytest.raises(SystemExit):  # cells on other test images do not mix
         gen.main(["--models", "vit_fmnist", "--eval-images", "8", "--timesteps", "4", "--levels", "1", "--add",
                   "--benchmarks-md", str(md)])
