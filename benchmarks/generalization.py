@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from benchmarks import outputs
-from benchmarks.core import calibration_images, command_line, machine_info, parse_options
+from benchmarks.core import calibration_images, command_line, machine_info, parse_options, write_whole
 from convert import convert
 from convert.evaluate import evaluate
 from convert.plots import png_bytes
@@ -88,8 +88,12 @@ def markdown(res: dict) -> str:
         Ts = sorted({int(t) for row in m["defaults"].values() for t in row})
         base = res["models"].get(m.get("model", name), {}) if m.get("options") else None
         note = "" if base is None else " In brackets: the defaults' cell (above)."
-        commands = "`, `".join(m.get("commands", [m["command"]]))
-        lines += [f"**{name}** (ANN {m['ann_top1']:.2f}%): `{commands}` on {m['date']}, {m['machine']}; "
+        runs = m.get("runs", [[m["command"], m["date"]]])
+        if len({date for _, date in runs}) == 1:
+            measured = "`" + "`, `".join(c for c, _ in runs) + f"` on {runs[0][1]}"
+        else:
+            measured = ", ".join(f"`{c}` ({date})" for c, date in runs)
+        lines += [f"**{name}** (ANN {m['ann_top1']:.2f}%): {measured}, {m['machine']}; "
                   f"{m['images']} test images ({m['data']}).{note}", "",
                   "| L | " + " | ".join(f"T={t}" for t in Ts) + " |", "|---|" + "---|" * len(Ts)]
         for L, row in m["defaults"].items():
@@ -142,8 +146,8 @@ def figure(res: dict):
 
 
 def added(saved: dict, new: dict) -> dict:
-    """``saved`` with ``new``'s cells and conversion seconds on top, and its command appended."""
-    out = {**saved, "commands": saved.get("commands", [saved["command"]]) + [new["command"]], "date": new["date"]}
+    """``saved`` with ``new``'s cells and conversion seconds on top, and its command and date appended."""
+    out = {**saved, "runs": saved.get("runs", [[saved["command"], saved["date"]]]) + [[new["command"], new["date"]]]}
     for key in ("defaults", "convert_s"):
         out[key] = {**saved[key], **{L: {**saved[key].get(L, {}), **row} for L, row in new[key].items()
                                      if isinstance(row, dict)}}
@@ -195,9 +199,9 @@ def main(argv=None) -> int:
         order = {n: i for i, n in enumerate(FMNIST_MODELS)}  # by model, each model's defaults first
         res["models"] = dict(sorted(res["models"].items(),
                                     key=lambda kv: (order[kv[1].get("model", kv[0])], bool(kv[1].get("options")))))
-    saved.write_text(json.dumps(res, indent=1))
+    write_whole(saved, json.dumps(res, indent=1))
     if any(not m.get("options") for m in res["models"].values()):  # the plot shows the defaults
-        (RESULTS / "generalization.png").write_bytes(png_bytes(figure(res)))
+        write_whole(RESULTS / "generalization.png", png_bytes(figure(res)))
     write_section(args.benchmarks_md, markdown(res))
     print(markdown(res))
     return 0
