@@ -30,18 +30,18 @@ from convert import convert, energy_report, finetune
 from convert.api import DEFAULTS, check_options
 from convert.evaluate import evaluate
 from models.data import fashion_mnist
+from models.files import replacing
 from models.zoo import create_ann
 
 
 def write_whole(path: Path, data) -> None:
     """Write ``data`` (str or bytes) to ``path`` through a temporary name and a rename: a reader (or a later run
     that merges into the file) finds the whole new file or the old one, never half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
 
 
 def calibration_images(n: int = 512, seed: int = 0) -> torch.Tensor:

@@ -10,8 +10,6 @@ file is needed. A fine-tuning checkpoint also holds the optimiser state under th
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -22,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from models.architecture import rebuild
+from models.files import replacing
 
 FORMAT = "vit-snn"
 TRAINING_PREFIX = "finetune_state/"
@@ -53,14 +52,8 @@ def save(snn, path, training_state: Optional[Tuple[Dict[str, torch.Tensor], dict
     metadata = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(config)}
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot save {path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

@@ -17,12 +17,13 @@ import os
 import platform
 import shlex
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
+
+from models.files import replacing
 
 SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
 # no contraction into FMAs and IEEE division (no fast math): each operation rounds as the eager path's does;
@@ -60,14 +61,8 @@ def _target(compiler: list, version: str, flags: tuple) -> Path:
 
 def _build(compiler: list, flags: tuple, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run([*compiler, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with replacing(target) as tmp:
+        subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, text=True)
 
 
 def _load() -> Optional[ctypes.CDLL]:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from models.data import BUNDLED_FMNIST, DEBIAN_FMNIST, _fmnist_folder, fashion_mnist, read_idx, FMNIST_FILES
+from models.files import replacing
 from models.zoo import ASSETS, FMNIST_MODELS
 
 
@@ -73,9 +74,8 @@ def train(name: str, epochs: int, out: Path, seed: int = 0, crop: bool = False, 
         print(f"epoch {epoch + 1}/{epochs}  loss {loss.item():.3f}  test top-1 {accuracy(model, xte, yte):.2f}%  "
               f"{time.time() - start:.0f}s", flush=True)
     from safetensors.torch import save_file
-    tmp = out.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(out)
+    with replacing(out) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     print(f"wrote {out}: test top-1 {accuracy(model, xte, yte):.2f}% after {time.time() - start:.0f}s")
 
 
