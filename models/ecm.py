@@ -13,8 +13,9 @@ product, einsum). At t = 1 both are exactly f(x) and op(A, B). The product's inc
 expands into spike-driven terms a(t) S_B(t-1) + S_A(t-1) b(t) + a(t) b(t), minus a
 rescaling of the previous product; it is computed here in the equivalent closed form.
 
-A multi-step call without autograd on CPU float32 tensors computes the running means and the step differences
-in fused C loops (models.native: one pass each instead of two), bitwise the eager path's values.
+Without autograd on CPU float32 tensors the running means and the step differences run in fused C loops
+(models.native: one pass each instead of two), bitwise the eager path's values: over all steps of a multi-step
+call, and in step mode one step at a time with the sums and the previous total updated in place.
 """
 from __future__ import annotations
 
@@ -125,6 +126,32 @@ def _compensated(totals: torch.Tensor, before: Optional[torch.Tensor], t: torch.
     return _step_differences(_divided(totals, t) if divide else _scaled(totals, t), before)
 
 
+def _kept_in_place(total: Optional[torch.Tensor], like: torch.Tensor) -> bool:
+    """Whether a one-step kernel runs on ``like`` and can keep its carried ``total`` (None: a first step) in place."""
+    return kernels.cpu_usable(like) and (total is None or (total.is_contiguous() and total.shape == like.shape
+                                                           and total.dtype == torch.float32))
+
+
+def _mean_step(x: torch.Tensor, total: Optional[torch.Tensor], t: int):
+    """(S(t) / t, S(t)) with S(t) = ``total`` + x (S(1) = x): one pass of the C kernel, with the sum kept in
+    ``total``'s place, where it runs."""
+    if _kept_in_place(total, x):
+        means, total = native.running_sums(x.unsqueeze(0), total, t - 1, divide=True, keep_last=True, last=total)
+        return means[0], total
+    total = _accumulate(total, x)
+    return total / t, total
+
+
+def _compensated_step(y: torch.Tensor, total: Optional[torch.Tensor], t: int, divide: bool):
+    """(z(t) - ``total``, z(t)) with z(t) = y t (or y / t with ``divide``) and ``total`` = z(t-1) (None at t = 1:
+    z(1) itself): one pass of the C kernel, with z(t) kept in ``total``'s place, where it runs."""
+    if _kept_in_place(total, y):
+        keep = torch.empty(y.shape, dtype=y.dtype) if total is None else total
+        return native.step_differences(y.unsqueeze(0), total, t - 1, divide, last=keep)[0], keep
+    z = _divided(y, t) if divide else _scaled(y, t)
+    return (z if total is None else _difference(z, total, reuse=t > 2)), z
+
+
 class Method:
     """``Method("softmax")(x, -1)`` is ``x.softmax(-1)``: a traced tensor method as a plain callable."""
 
@@ -162,17 +189,15 @@ class ExpectationCompensation(StatefulModule):
 
     def single_step(self, *args, **kwargs):
         self.t += 1
-        self.sums = [_accumulate(None if self.sums is None else s, args[i])
-                     for s, i in zip(self.sums or [None] * len(self.streams), self.streams)]
         t = self.t
-        total = _map(lambda y: _scaled(y, t), self.fn(*self._means(args, [s / t for s in self.sums]), **kwargs))
-        if self.total is None:
-            out = total
-        elif isinstance(total, tuple):
-            out = tuple(_difference(a, b, reuse=t > 2) for a, b in zip(total, self.total))
-        else:
-            out = _difference(total, self.total, reuse=t > 2)
-        self.total = total
+        means, self.sums = zip(*(_mean_step(args[i], s, t)
+                                 for s, i in zip(self.sums or [None] * len(self.streams), self.streams)))
+        y = self.fn(*self._means(args, means), **kwargs)
+        if isinstance(y, tuple):
+            out, self.total = zip(*(_compensated_step(a, b, t, divide=False)
+                                    for a, b in zip(y, self.total or [None] * len(y))))
+            return tuple(out)
+        out, self.total = _compensated_step(y, self.total, t, divide=False)
         return out
 
     def multi_step(self, *args, **kwargs):
@@ -220,9 +245,7 @@ class SpikeProduct(StatefulModule):
         self.t += 1
         self.sum_a = _accumulate(self.sum_a, a)
         self.sum_b = _accumulate(self.sum_b, b)
-        cur = _divided(self.op(self.sum_a, self.sum_b), self.t)
-        out = cur if self.prev is None else _difference(cur, self.prev, reuse=self.t > 2)
-        self.prev = cur
+        out, self.prev = _compensated_step(self.op(self.sum_a, self.sum_b), self.prev, self.t, divide=True)
         return out
 
     def multi_step(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

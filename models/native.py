@@ -93,7 +93,7 @@ def _load() -> Optional[ctypes.CDLL]:
         ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int32
         for name, args in (("if_sequence", [ptr, ptr, ptr, ptr, i64, i64, i64, i32, f32, f32, f32, i32]),
                            ("running_sums", [ptr, ptr, ptr, ptr, i64, i64, i64, i32, i32]),
-                           ("step_differences", [ptr, ptr, i64, i64, i64, i32, i32])):
+                           ("step_differences", [ptr, ptr, ptr, i64, i64, i64, i32, i32])):
             getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
         return lib
     warnings.warn(f"the CPU kernels {SOURCE.name} did not build in {cache_dir()} ({errors[-1].strip()[-500:]}); "
@@ -121,6 +121,14 @@ def _step(before: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.
     return None if before is None else before.expand_as(like[0]).contiguous()
 
 
+def _one_step(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``out``, which a kernel writes one step of ``like`` into: contiguous float32 of that shape."""
+    if not out.is_contiguous() or out.shape != like.shape[1:] or out.dtype != torch.float32:
+        raise ValueError(f"a kernel's output for one step must be a contiguous float32 tensor {tuple(like.shape[1:])}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
 def if_sequence(xs: torch.Tensor, u: Optional[torch.Tensor], block: torch.Tensor, v_init: float, lo: int,
                 hi: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``models.kernels.if_sequence`` on CPU float32 tensors: (outputs [T, B, ...], final membrane)."""
@@ -136,26 +144,31 @@ def if_sequence(xs: torch.Tensor, u: Optional[torch.Tensor], block: torch.Tensor
     return out, u
 
 
-def running_sums(xs: torch.Tensor, before: Optional[torch.Tensor], t0: int, divide: bool,
-                 keep_last: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def running_sums(xs: torch.Tensor, before: Optional[torch.Tensor], t0: int, divide: bool, keep_last: bool,
+                 last: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """[T, B, ...] -> S(t) = S(t-1) + x(t) from S(0) = ``before`` (None: 0), or S(t) / (t0 + t) with ``divide``;
-    and S(T) where ``keep_last``."""
+    and S(T) where ``keep_last`` or ``last`` is given (then written into it; it may be ``before``: a sum kept in
+    place)."""
     xs = xs.contiguous()
     before = _step(before, xs)
     out = torch.empty_like(xs)
-    last = torch.empty_like(xs[0]) if keep_last else None
+    last = _one_step(last, xs) if last is not None else torch.empty_like(xs[0]) if keep_last else None
     if xs.numel():
         library().running_sums(xs.data_ptr(), _pointer(before), out.data_ptr(), _pointer(last), xs.shape[0],
                                xs[0].numel(), t0, int(divide), _threads(xs.numel()))
     return out, last
 
 
-def step_differences(y: torch.Tensor, before: Optional[torch.Tensor], t0: int, divide: bool) -> torch.Tensor:
+def step_differences(y: torch.Tensor, before: Optional[torch.Tensor], t0: int, divide: bool,
+                     last: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[T, B, ...] -> z(t) - z(t-1) with z(t) = y(t) * (t0 + t) (or y(t) / (t0 + t) with ``divide``), z(0) =
-    ``before`` (None: the first step's z kept); in place on ``y`` where it is contiguous."""
+    ``before`` (None: the first step's z kept); in place on ``y`` where it is contiguous. ``last`` (contiguous,
+    shaped like one step of ``y``; it may be ``before``) receives z(T)."""
     y = y.contiguous()
     before = _step(before, y)
+    if last is not None:
+        last = _one_step(last, y)
     if y.numel():
-        library().step_differences(y.data_ptr(), _pointer(before), y.shape[0], y[0].numel(), t0, int(divide),
-                                   _threads(y.numel()))
+        library().step_differences(y.data_ptr(), _pointer(before), _pointer(last), y.shape[0], y[0].numel(), t0,
+                                   int(divide), _threads(y.numel()))
     return y

@@ -10,11 +10,13 @@
  *     u <- u + x / theta   (fresh: u starts at v_init);  k = clamp(floor(u), lo, hi);  u <- u - k;  out = k theta
  *
  * running_sums: S(t) = S(t-1) + x(t) from S(0) = before (or S(1) = x(1)), written as S(t), or as S(t) / (t0 + t)
- * (the running means of expectation compensation) with ``divide``; ``last`` (if given) receives S(T).
+ * (the running means of expectation compensation) with ``divide``; ``last`` (if given; it may be ``before``)
+ * receives S(T).
  *
  * step_differences, in place: y(t) <- z(t) - z(t-1) with z(t) = y(t) * (t0 + t), or y(t) / (t0 + t) with
  * ``divide``, and z(0) = before (or no subtraction at the first step where before is NULL): the outputs of
- * expectation compensation and of spike products from their totals. */
+ * expectation compensation and of spike products from their totals; ``last`` (if given; it may be ``before``,
+ * each element is read before it is written) receives z(T), the total a next step subtracts. */
 #include <stdint.h>
 #include <math.h>
 
@@ -60,7 +62,7 @@ void if_sequence(const float *restrict xs, float *restrict u, float *restrict ou
     }
 }
 
-void running_sums(const float *restrict xs, const float *restrict before, float *restrict out, float *restrict last,
+void running_sums(const float *restrict xs, const float *before, float *restrict out, float *last,
                   int64_t steps, int64_t n, int64_t t0, int32_t divide, int32_t threads) {
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
@@ -91,8 +93,8 @@ void running_sums(const float *restrict xs, const float *restrict before, float 
     }
 }
 
-void step_differences(float *y, const float *restrict before, int64_t steps, int64_t n, int64_t t0, int32_t divide,
-                      int32_t threads) {
+void step_differences(float *y, const float *before, float *last, int64_t steps, int64_t n, int64_t t0,
+                      int32_t divide, int32_t threads) {
     int64_t blocks = (n + BLOCK - 1) / BLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t b = 0; b < blocks; b++) {
@@ -111,5 +113,8 @@ void step_differences(float *y, const float *restrict before, int64_t steps, int
                 prev[i] = z;
             }
         }
+        if (last)
+            for (int64_t i = 0; i < size; i++)
+                last[start + i] = prev[i];
     }
 }
