@@ -128,8 +128,7 @@ def _compensated(totals: torch.Tensor, before: Optional[torch.Tensor], t: torch.
 
 def _kept_in_place(total: Optional[torch.Tensor], like: torch.Tensor) -> bool:
     """Whether a one-step kernel runs on ``like`` and can keep its carried ``total`` (None: a first step) in place."""
-    return kernels.cpu_usable(like) and (total is None or (total.is_contiguous() and total.shape == like.shape
-                                                           and total.dtype == torch.float32))
+    return kernels.cpu_usable(like) and (total is None or native.holds_one_step(total, like.shape))
 
 
 def _mean_step(x: torch.Tensor, total: Optional[torch.Tensor], t: int):

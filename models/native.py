@@ -121,9 +121,14 @@ def _step(before: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.
     return None if before is None else before.expand_as(like[0]).contiguous()
 
 
+def holds_one_step(out: torch.Tensor, shape) -> bool:
+    """Whether a kernel can write one step of ``shape`` into ``out``: contiguous float32 of that shape."""
+    return out.is_contiguous() and out.shape == shape and out.dtype == torch.float32
+
+
 def _one_step(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``out``, which a kernel writes one step of ``like`` into: contiguous float32 of that shape."""
-    if not out.is_contiguous() or out.shape != like.shape[1:] or out.dtype != torch.float32:
+    """``out``, which a kernel writes one step of ``like`` into (``holds_one_step``)."""
+    if not holds_one_step(out, like.shape[1:]):
         raise ValueError(f"a kernel's output for one step must be a contiguous float32 tensor {tuple(like.shape[1:])}, "
                          f"got {out.dtype} {tuple(out.shape)}")
     return out
