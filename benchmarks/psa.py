@@ -1,6 +1,7 @@
 """psa (EST's partial-information attention), training-free: accuracy vs mask_p vs the attention's SOPs, for
 EST's masks (Q, K and the attention map, Bernoulli at every step) with and without dividing the masked products
-by 1 - mask_p, and for masks on Q and K only, random or evenly spread, or on Q alone (``MASKS``). Writes its
+by 1 - mask_p, and for masks on Q and K only, random or evenly spread, or on Q alone, each dropping the masked
+spikes (EST) or skipping only their fan-out into the product (``mask_fanout``) (``MASKS``). Writes its
 section of BENCHMARKS.md; a run on some ``--models`` keeps the saved results of the others.
 
     python -m benchmarks.psa [--models vit_fmnist] [--timesteps 4 8] [--eval-images 2000]
@@ -28,7 +29,10 @@ MASK_P = (0.1, 0.25, 0.4, 0.5)
 MASKS = {"EST: Q, K, A; random": {}, "EST, rescaled": dict(mask_rescale=True),
          "Q, K; random; rescaled": dict(mask_operands="q+k", mask_rescale=True),
          "Q, K; even; rescaled": dict(mask_operands="q+k", mask_schedule="even", mask_rescale=True),
-         "Q; even; rescaled": dict(mask_operands="q", mask_schedule="even", mask_rescale=True)}
+         "Q; even; rescaled": dict(mask_operands="q", mask_schedule="even", mask_rescale=True),
+         "EST, rescaled; fan-out": dict(mask_rescale=True, mask_fanout=True),
+         "Q, K; even; rescaled; fan-out": dict(mask_operands="q+k", mask_schedule="even", mask_rescale=True,
+                                               mask_fanout=True)}
 
 
 def _attention_sops(report, which: str) -> float:
@@ -84,7 +88,10 @@ def markdown(res: dict, command: str) -> str:
              "SOPs and energy on 64. Masks: EST's on Q, K and the attention map A, Bernoulli(1 - mask_p) at "
              "every step; `rescaled`: `attention.mask_rescale=true` (the masked products divided by 1 - mask_p; EST "
              "does not rescale); `Q, K`: `attention.mask_operands=q+k`; `Q`: `attention.mask_operands=q`; `even`: "
-             "`attention.mask_schedule=even` (each element dropped at an evenly spaced share mask_p of the steps). SOPs and energy relative to ecm's at "
+             "`attention.mask_schedule=even` (each element dropped at an evenly spaced share mask_p of the steps); "
+             "`fan-out`: "
+             "`attention.mask_fanout=true` (a masked spike skips only its fan-out into the product: the product's "
+             "running sums keep it). SOPs and energy relative to ecm's at "
              "the same T.", ""]
     for name, m in res["models"].items():
         lines += [f"### {name} (ANN {m['ann_top1']:.2f}%)", "",

@@ -58,6 +58,7 @@ class AttentionConfig:
     mask_rescale: bool = MISSING
     mask_operands: str = MISSING
     mask_schedule: str = MISSING
+    mask_fanout: bool = MISSING
     map: str = MISSING
     centre_values: bool = MISSING
     residual: str = MISSING
@@ -182,7 +183,8 @@ def convert_options(cfg: DictConfig) -> Dict[str, Any]:
                 num_images=cfg.calibration.num_images,
                 attention=cfg.attention.name, mask_p=cfg.attention.mask_p,
                 mask_rescale=cfg.attention.mask_rescale, mask_operands=cfg.attention.mask_operands,
-                mask_schedule=cfg.attention.mask_schedule, attention_map=cfg.attention.map,
+                mask_schedule=cfg.attention.mask_schedule, mask_fanout=cfg.attention.mask_fanout,
+                attention_map=cfg.attention.map,
                 centre_values=cfg.attention.centre_values,
                 residual=cfg.attention.residual,
                 norm=cfg.attention.norm,

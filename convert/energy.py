@@ -197,7 +197,7 @@ class _Counter:
         """Expectation products (ecm, psa, generic): both operands' events; step products (ssa, a2os2a): the
         cheaper operand. Fan-out of an event = dense MACs / operand elements."""
         def hook(module, inputs, output):
-            a, b = inputs
+            a, b = inputs[:2]  # MaskedSpikeProduct: the kept events, then the full streams
             rec = self.ops[name]
             dense = product_macs(module.op, a, b, output)
             if self.analog:

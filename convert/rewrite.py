@@ -270,7 +270,8 @@ class Rewriter:
     """Rewrites a model in place.
 
     ``make_neuron(signed)``: the neuron in front of a Linear input or a product operand; ``attention``:
-    ecm, psa (with ``mask_p``, ``mask_rescale``, ``mask_operands``, ``mask_schedule``: models.attention), ssa or
+    ecm, psa (with ``mask_p``, ``mask_rescale``, ``mask_operands``, ``mask_schedule``, ``mask_fanout``:
+    models.attention), ssa or
     a2os2a; ``attention_map``: what ecm and psa spike (row_max or softmax, models.attention); ``centre_values``:
     with the softmax map, the value centring (models.attention.ValueCentring);
     ``spike_driven``: every Linear input is a binary IF neuron (Spikingformer); ``norm``: ecm (LayerNorm /
@@ -281,12 +282,13 @@ class Rewriter:
                  spike_driven: bool = False, fixed_tokens: bool = True,
                  example: Optional[torch.Tensor] = None, mask_rescale: bool = False, norm: str = "ecm",
                  mask_operands: Tuple[str, ...] = MASK_OPERANDS, mask_schedule: str = "random",
-                 centre_values: bool = False, attention_map: str = "row_max") -> None:
+                 centre_values: bool = False, attention_map: str = "row_max", mask_fanout: bool = False) -> None:
         self.make_neuron = make_neuron
         self.centre_values, self.attention_map = centre_values, attention_map
         self.norm = norm
         self.attention, self.mask_p, self.spike_driven = attention, mask_p, spike_driven
         self.mask_rescale, self.mask_operands, self.mask_schedule = mask_rescale, mask_operands, mask_schedule
+        self.mask_fanout = mask_fanout
         self.fixed_tokens = fixed_tokens
         self.example = example
         self.first_layers: Set[str] = set()
@@ -764,7 +766,7 @@ class _GraphState:
                            seed=3 * rw.attention_count, constant=tuple(not self.kind(x) for x in (q, k, v)),
                            mask_rescale=rw.mask_rescale, mask_operands=rw.mask_operands,
                            mask_schedule=rw.mask_schedule, centre_values=rw.centre_values,
-                           attention_map=rw.attention_map)
+                           attention_map=rw.attention_map, mask_fanout=rw.mask_fanout)
         new = self.replace(node, "attend", core)
         if rw.attention == "ssa":
             self.binary_sources.add(new)

@@ -172,6 +172,8 @@ def keys() -> List[Key]:
         Key("attention.mask_schedule", "choice", "psa: random (Bernoulli at every step, EST) or even (each element "
             "dropped at an evenly spaced share mask_p of the steps)", choices=c["mask_schedule"],
             api="mask_schedule"),
+        Key("attention.mask_fanout", "bool", "psa: a mask skips only its spikes' fan-out into the product; the "
+            "product's running sums keep every spike", api="mask_fanout"),
         Key("attention.map", "choice", "ecm, psa: the attention map the neuron spikes: row_max, exp(s - max_k s) "
             "(each row peaks at 1), normalised after A V by its spiked row sums; softmax, the probabilities",
             choices=c["attention_map"], api="attention_map"),
@@ -269,7 +271,8 @@ def check_combination(o: Dict[str, Any]) -> None:
     if o["neuron"] == "ternary" and o["levels"] != 1:
         raise ValueError(f"the ternary neuron has exactly one level (k in {{-1, 0, 1}}): neuron.levels must be 1, "
                          f"got {o['levels']}")
-    for key, default in (("mask_rescale", False), ("mask_operands", "q+k+attn"), ("mask_schedule", "random")):
+    for key, default in (("mask_rescale", False), ("mask_operands", "q+k+attn"), ("mask_schedule", "random"),
+                         ("mask_fanout", False)):
         if o[key] != default and o["attention"] != "psa":
             raise ValueError(f"attention.{key}={o[key]} applies to attention=psa only (attention is "
                              f"{o['attention']!r})")

@@ -10,7 +10,10 @@ The variants differ in ``attend``:
             an evenly spaced share p of the steps (``even``, SpikeMask); ``mask_rescale`` divides each
             masked operand's product by 1 - p (folded into the softmax scale for Q K^T and into the
             product's own rescaling for A V: the spikes stay in the alphabet), so the masked products are
-            unbiased (the row_max map's normalisation is a ratio, which needs no rescaling of the map)
+            unbiased (the row_max map's normalisation is a ratio, which needs no rescaling of the map).
+            ``mask_fanout``: a mask skips only its events' fan-out into the product (MaskedSpikeProduct): the
+            product's running sums, and the row_max map's row sums, keep every spike, so a skipped spike is
+            missing from one step's increment instead of from every later product
     map (ecm and psa, ``attention_map``): what the attention-map neuron spikes.
             row_max (the default): P = ECM(exp(s - max_k s)), whose every row peaks at exactly 1, through a
             signed neuron; out = ECM((P V) / max(P 1, (1 - p) / 2)) (RowNormalisation; p: psa's mask share
@@ -46,7 +49,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from models.ecm import ExpectationCompensation, SpikeProduct
+from models.ecm import ExpectationCompensation, MaskedSpikeProduct, SpikeProduct
 from models.neurons import BaseNeuron, IFNeuron, TernaryNeuron
 from models.state import StatefulModule
 from models.synapse import StepProduct
@@ -192,7 +195,7 @@ class SpikingSDPA(nn.Module):
                  mask_p: float = 0.0, seed: int = 0, constant: Tuple[bool, bool, bool] = (False, False, False),
                  mask_rescale: bool = False, mask_operands: Tuple[str, ...] = MASK_OPERANDS,
                  mask_schedule: str = "random", centre_values: bool = False,
-                 attention_map: str = "row_max") -> None:
+                 attention_map: str = "row_max", mask_fanout: bool = False) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown attention {variant!r}: use one of {', '.join(VARIANTS)}")
@@ -202,7 +205,9 @@ class SpikingSDPA(nn.Module):
         if variant in ("ecm", "psa"):
             # a constant operand (a learned query, as in attention pooling) needs no neuron: its product is linear
             self.q_neuron, self.k_neuron, self.v_neuron = (nn.Identity() if c else make_neuron(True) for c in constant)
-            self.qk = SpikeProduct()
+            masked = [mask_p > 0 and name in mask_operands for name in MASK_OPERANDS]
+            self.fanout = mask_fanout and any(masked)
+            self.qk = MaskedSpikeProduct() if self.fanout and any(masked[:2]) else SpikeProduct()
             row_max = attention_map == "row_max"
             if row_max and centre_values:
                 raise ValueError("value centring applies to the softmax attention map: the row_max map is "
@@ -211,12 +216,13 @@ class SpikingSDPA(nn.Module):
             self.attn_neuron = make_neuron(row_max)  # row_max: signed, so that later steps can take back spikes
             # its last axis is the key position: per-key thresholds only where the token count is fixed
             self.attn_neuron.channelwise = fixed_tokens
-            self.av = SpikeProduct()
-            masked = [mask_p > 0 and name in mask_operands for name in MASK_OPERANDS]
+            self.av = MaskedSpikeProduct() if self.fanout and masked[2] else SpikeProduct()
             self.q_mask, self.k_mask, self.attn_mask = (SpikeMask(mask_p, seed + i, mask_schedule) if m else
                                                         nn.Identity() for i, m in enumerate(masked))
             self.mask_gain = 1.0 / (1.0 - mask_p) if mask_rescale else 1.0  # per operand a mask is applied to
-            self.normalise = RowNormalisation(0.5 * (1.0 - mask_p) if masked[2] else 0.5) if row_max else None
+            # the floor: half a kept spike's share of the row sums (all of them where only fan-out is masked)
+            floor = 0.5 * (1.0 - mask_p) if masked[2] and not self.fanout else 0.5
+            self.normalise = RowNormalisation(floor) if row_max else None
             self.centring = ValueCentring() if centre_values else None
         elif variant == "ssa":
             self.q_neuron, self.k_neuron, self.v_neuron = IFNeuron(1), IFNeuron(1), IFNeuron(1)
@@ -250,19 +256,26 @@ class SpikingSDPA(nn.Module):
             if self.blend >= 1:
                 return out
             return self.blend * out + (1 - self.blend) * self.softmax_attention(q, k, v, scale)
-        q = self.q_mask(self.q_neuron(q))
-        k = self.k_mask(self.k_neuron(k))
-        v = self.v_neuron(v)
+        q, k, v = self.q_neuron(q), self.k_neuron(k), self.v_neuron(v)
         gains = [self.mask_gain if isinstance(m, SpikeMask) and not m.analog else 1.0  # analog mode: the ANN
                  for m in (self.q_mask, self.k_mask, self.attn_mask)]
-        attn = self.qk(q, k.transpose(-2, -1)) * (scale * gains[0] * gains[1])
+        if isinstance(self.qk, MaskedSpikeProduct):
+            attn = self.qk(self.q_mask(q), self.k_mask(k).transpose(-2, -1), q, k.transpose(-2, -1),
+                           *gains[:2]) * scale
+        else:
+            q, k = self.q_mask(q), self.k_mask(k)
+            attn = self.qk(q, k.transpose(-2, -1)) * (scale * gains[0] * gains[1])
         if is_causal:
             attn = attn + causal_mask(q.shape[-2], k.shape[-2], attn)
         mask = additive_mask(attn_mask, attn)
         if mask is not None:
             attn = attn + mask
-        attn = self.attn_mask(self.attn_neuron(self.softmax(attn)))
-        out = self.av(attn, v)
+        attn = self.attn_neuron(self.softmax(attn))
+        if isinstance(self.av, MaskedSpikeProduct):  # the map's sums keep every spike; the gain is the product's
+            out, gains[2] = self.av(self.attn_mask(attn), v, attn, v, gains[2]), 1.0
+        else:
+            attn = self.attn_mask(attn)
+            out = self.av(attn, v)
         if self.normalise is not None:  # a ratio: the map's mask rescaling cancels
             return self.normalise(out, attn)
         out = out * gains[2] if gains[2] != 1.0 else out

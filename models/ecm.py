@@ -12,6 +12,7 @@ is a constant passed through). ``op`` is any bilinear operation (matmul, element
 product, einsum). At t = 1 both are exactly f(x) and op(A, B). The product's increment
 expands into spike-driven terms a(t) S_B(t-1) + S_A(t-1) b(t) + a(t) b(t), minus a
 rescaling of the previous product; it is computed here in the equivalent closed form.
+MaskedSpikeProduct (psa's fan-out masks) sums the increments instead, each from the kept events only.
 
 Without autograd on CPU float32 tensors the running means and the step differences run in fused C loops
 (models.native: one pass each instead of two), bitwise the eager path's values: over all steps of a multi-step
@@ -262,3 +263,56 @@ class SpikeProduct(StatefulModule):
 
     def extra_repr(self) -> str:
         return f"op={getattr(self.op, '__name__', self.op)!r}, {super().extra_repr()}"
+
+
+class MaskedSpikeProduct(SpikeProduct):
+    """``op(A, B)`` in expectation with some events' fan-out skipped: ``forward(kept_a, kept_b, a, b, gain_a,
+    gain_b)`` for the full streams a, b and their kept events (a mask's survivors; the stream itself where
+    unmasked). The running sums keep every event, only the spike-driven increments use the kept ones:
+
+        P(t) = P(t-1) + gain_a op(kept_a(t), S_B(t)) + gain_b op(S_A(t-1), kept_b(t)),   P(0) = 0
+        o(t) = P(t) / t - P(t-1) / (t-1)
+
+    With all events kept and unit gains P(t) = op(S_A(t), S_B(t)): SpikeProduct. A skipped event costs its
+    increment at one step only (it stays in S_A for every later step), where a dropped one (a mask before the
+    product) is missing from every later product; ``gain`` = 1 / (1 - p) for a mask keeping 1 - p of the events
+    makes the increments unbiased."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.total: Optional[torch.Tensor] = None  # P(t)
+
+    def single_step(self, kept_a: torch.Tensor, kept_b: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                    gain_a: float = 1.0, gain_b: float = 1.0) -> torch.Tensor:
+        self.t += 1
+        from_b = None if self.sum_a is None else self.op(self.sum_a, kept_b)  # S_A(t-1), before it takes a(t)
+        self.sum_a = _accumulate(self.sum_a, a)
+        self.sum_b = _accumulate(self.sum_b, b)
+        increment = _gained(self.op(kept_a, self.sum_b), gain_a)
+        if from_b is not None:
+            increment = increment + _gained(from_b, gain_b)
+        self.total = _accumulate(self.total, increment)
+        out, self.prev = _compensated_step(self.total.clone(), self.prev, self.t, divide=True)
+        return out
+
+    def multi_step(self, kept_a: torch.Tensor, kept_b: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   gain_a: float = 1.0, gain_b: float = 1.0) -> torch.Tensor:
+        if not self.carried():
+            self.reset()
+        sa = _running(self.unfold(a), self.sum_a, None, 0, divide=False, keep_last=False)[0]
+        sb = _running(self.unfold(b), self.sum_b, None, 0, divide=False, keep_last=False)[0]
+        before_a = torch.zeros_like(sa[:1]) if self.sum_a is None else self.sum_a.unsqueeze(0)
+        increments = self.unfold(_gained(self.op(kept_a, self.fold(sb)), gain_a))
+        increments = increments + self.unfold(_gained(self.op(self.fold(torch.cat([before_a, sa[:-1]])), kept_b),
+                                                      gain_b))
+        totals = _running_sums(increments, self.total)
+        t0, before = self.t, self.prev
+        if self.carry:  # the state a next call continues from
+            self.t, self.sum_a, self.sum_b = t0 + totals.shape[0], sa[-1].clone(), sb[-1].clone()
+            self.total = totals[-1].clone()
+            self.prev = totals[-1] / self.t
+        return self.fold(_compensated(totals, before, self.step_index(totals) + t0, t0, divide=True))
+
+
+def _gained(y: torch.Tensor, gain: float) -> torch.Tensor:
+    return y if gain == 1.0 else y * gain

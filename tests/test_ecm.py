@@ -9,7 +9,7 @@ from torch import nn
 
 from convert.rewrite import ACTIVATIONS
 from models import kernels
-from models.ecm import ExpectationCompensation, SpikeProduct, _accumulate, _running_sums
+from models.ecm import ExpectationCompensation, MaskedSpikeProduct, SpikeProduct, _accumulate, _running_sums
 from models.state import reset_net, set_step_mode
 
 FUNCTIONS = {
@@ -64,6 +64,44 @@ def test_product_running_mean_is_product_of_running_means(T, b, n, d, seed):
     set_step_mode(prod, "m", T)
     multi = prod(a.reshape(T * b, n, d), c.reshape(T * b, d, n)).reshape(outs.shape)
     assert torch.allclose(multi, outs, atol=1e-5)
+
+
+def _masked_product(a, c, keep_a, keep_c, gains, mode):
+    """MaskedSpikeProduct's outputs [T, ...] for streams a, c and the events kept of them (masks keep_*)."""
+    T, prod = a.shape[0], MaskedSpikeProduct()
+    if mode == "s":
+        return torch.stack([prod(keep_a[i] * a[i], keep_c[i] * c[i], a[i], c[i], *gains) for i in range(T)])
+    set_step_mode(prod, "m", T)
+    fold = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+    out = prod(fold(keep_a * a), fold(keep_c * c), fold(a), fold(c), *gains)
+    return out.reshape(T, *a.shape[1:-1], c.shape[-1])
+
+
+@settings(max_examples=30, deadline=None)
+@given(T=st.integers(1, 8), b=st.integers(1, 3), n=st.integers(1, 5), d=st.integers(1, 4), seed=st.integers(0, 99),
+       p=st.floats(0.1, 0.9), gains=st.tuples(st.floats(0.5, 3), st.floats(0.5, 3)), mode=st.sampled_from("sm"))
+def test_masked_product_skips_a_skipped_events_increment_only(T, b, n, d, seed, p, gains, mode):
+    """MaskedSpikeProduct keeps every event in its running sums: with all events kept and unit gains it is
+    SpikeProduct; the outputs up to T sum to P(T) / T with P(T) = sum_t g_a kept_a(t) S_B(t) + g_b S_A(t-1)
+    kept_b(t) (a hand count), so a mask and its complement add up to the unmasked product; step == multi-step."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randint(-1, 2, (T, b, n, d), generator=gen).float()
+    c = torch.randint(-1, 2, (T, b, d, n), generator=gen).float()
+    keep_a, keep_c = ((torch.rand(x.shape, generator=gen) >= p).float() for x in (a, c))
+    ones = torch.ones_like(a), torch.ones_like(c)
+    prod = SpikeProduct()
+    full = torch.stack([prod(a[i], c[i]) for i in range(T)])
+    torch.testing.assert_close(_masked_product(a, c, *ones, (1.0, 1.0), mode), full, atol=1e-5, rtol=1e-5)
+    masked = _masked_product(a, c, keep_a, keep_c, gains, mode)
+    sums_a, sums_c = torch.cumsum(a, 0), torch.cumsum(c, 0)
+    before_a = torch.cat([torch.zeros_like(a[:1]), sums_a[:-1]])
+    hand = (gains[0] * (keep_a * a) @ sums_c + gains[1] * before_a @ (keep_c * c)).sum(0)
+    torch.testing.assert_close(masked.sum(0), hand / T, atol=1e-4, rtol=1e-5)
+    rest = _masked_product(a, c, 1 - keep_a, 1 - keep_c, (1.0, 1.0), mode)
+    torch.testing.assert_close(_masked_product(a, c, keep_a, keep_c, (1.0, 1.0), mode) + rest, full,
+                               atol=1e-5, rtol=1e-5)
+    other = "m" if mode == "s" else "s"
+    torch.testing.assert_close(_masked_product(a, c, keep_a, keep_c, gains, other), masked, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS) + ["product"])

@@ -24,7 +24,11 @@ VARIANTS = [dict(attention="ssa"), dict(attention="a2os2a"), dict(attention="psa
             dict(residual="spike_driven"), dict(attention="ssa", residual="spike_driven"),
             dict(attention="ssa", norm="constant"), dict(residual="spike_driven", norm="constant"),
             dict(attention_map="softmax"), dict(attention_map="softmax", centre_values=True),
-            dict(attention="psa", mask_p=0.25, mask_operands="attn")]
+            dict(attention="psa", mask_p=0.25, mask_operands="attn"),
+            dict(attention="psa", mask_p=0.25, mask_operands="q+k", mask_schedule="even", mask_rescale=True,
+                 mask_fanout=True),
+            dict(attention="psa", mask_p=0.5, mask_rescale=True, mask_fanout=True),
+            dict(attention="psa", mask_p=0.5, mask_fanout=True, attention_map="softmax", centre_values=True)]
 ids = lambda o: "-".join(map(str, o.values()))  # noqa: E731
 
 
@@ -134,11 +138,13 @@ def test_psa_without_masking_is_ecm_bitwise(config, step_mode):
     assert not torch.equal(ecm.simulate(x), masked.simulate(x))  # the masks are there, and mask_p=0 turns them off
 
 
+@pytest.mark.parametrize("fanout", [False, True])
 @pytest.mark.parametrize("mask_p", [0.25, 0.5, 0.75])
-def test_psa_attention_sops_fall_as_one_minus_mask_p(mask_p):
+def test_psa_attention_sops_fall_as_one_minus_mask_p(mask_p, fanout):
     x = _images(8)
     ecm = convert(build("cls_token"), x, timesteps=4, progress=False)
-    psa = convert(build("cls_token"), x, timesteps=4, attention="psa", mask_p=mask_p, progress=False)
+    psa = convert(build("cls_token"), x, timesteps=4, attention="psa", mask_p=mask_p, mask_fanout=fanout,
+                  progress=False)
     e_ecm, e_psa = energy_report(ecm, x)["layers"], energy_report(psa, x)["layers"]
     for name in [n for n in e_ecm if n.endswith(".qk")]:  # both operands masked
         assert e_psa[name]["sops"] / e_ecm[name]["sops"] == pytest.approx(1 - mask_p, abs=0.08), name
@@ -177,14 +183,15 @@ def test_psa_rescaling_is_unbiased_and_free(operands, schedule, mask_p=0.5):
     assert error["scaled"] < 0.25 and error["plain"] > 1 - (1 - mask_p) ** masked - 0.1, error
 
 
+@pytest.mark.parametrize("fanout", [False, True])
 @pytest.mark.parametrize("operands", ["q+k+attn", "q+k", "q", "attn"])
-def test_psa_masks_exactly_the_named_operands(operands):
+def test_psa_masks_exactly_the_named_operands(operands, fanout):
     """Only the named operands lose spikes: in the first block Q and K see the ecm network's spikes, so Q K^T's
     SOPs equal ecm's when neither is masked and fall when one is."""
     x = _images(8)
     ecm = convert(build("cls_token"), x, timesteps=4, progress=False)
     psa = convert(build("cls_token"), x, timesteps=4, attention="psa", mask_p=0.5, mask_operands=operands,
-                  progress=False)
+                  mask_fanout=fanout, progress=False)
     core = psa.net.blocks[0].attn.attend
     names = operands.split("+")
     assert [isinstance(m, SpikeMask) for m in (core.q_mask, core.k_mask, core.attn_mask)] == \
@@ -574,6 +581,8 @@ def test_attention_map_sums_count_their_additions(options, part, operands, inner
     (dict(mask_rescale=True), "attention.mask_rescale=True applies to attention=psa only"),
     (dict(mask_operands="q"), "attention.mask_operands=q applies to attention=psa only"),
     (dict(mask_schedule="even"), "attention.mask_schedule=even applies to attention=psa only"),
+    (dict(mask_fanout=True), "attention.mask_fanout=True applies to attention=psa only"),
+    (dict(attention="psa", mask_p=0.2, mask_fanout="maybe"), "attention.mask_fanout must be true or false"),
     (dict(attention="psa", mask_p=0.2, mask_operands="v"), "unknown attention.mask_operands 'v': use one of q"),
     (dict(attention="psa", mask_p=0.2, mask_schedule="sobol"), "unknown attention.mask_schedule 'sobol'"),
     (dict(attention="ssa", centre_values=True), "attention.centre_values=true applies to attention=ecm or psa"),
