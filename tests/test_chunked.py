@@ -95,6 +95,7 @@ def test_chunked_spike_product_is_one_call(T, b, n, d, seed, data):
     ("vit", {}), ("swin", {"levels": 2}), ("eva02", {}), ("vit", {"neuron": "multi_threshold", "levels": 4}),
     ("vit", {"neuron": "ternary", "attention": "a2os2a"}), ("vit", {"attention": "ssa"}),
     ("vit", {"attention": "psa", "mask_p": 0.25}), ("vit", {"residual": "spike_driven", "norm": "constant"}),
+    ("swin", {"attention": "psa", "mask_p": 0.5, "mask_rescale": True, "mask_fanout": True}),
     ("vit", {"coding": "differential", "hysteresis": 0.5, "levels": 2})])
 def test_chunked_network_simulation_is_one_call(name, options):
     ann, size = tiny(name)
