@@ -89,10 +89,8 @@ def markdown(res: dict, command: str) -> str:
              "every step; `rescaled`: `attention.mask_rescale=true` (the masked products divided by 1 - mask_p; EST "
              "does not rescale); `Q, K`: `attention.mask_operands=q+k`; `Q`: `attention.mask_operands=q`; `even`: "
              "`attention.mask_schedule=even` (each element dropped at an evenly spaced share mask_p of the steps); "
-             "`fan-out`: "
-             "`attention.mask_fanout=true` (a masked spike skips only its fan-out into the product: the product's "
-             "running sums keep it). SOPs and energy relative to ecm's at "
-             "the same T.", ""]
+             "`fan-out`: `attention.mask_fanout=true` (a masked spike skips only its fan-out into the product: the "
+             "product's running sums keep it). SOPs and energy relative to ecm's at the same T.", ""]
     for name, m in res["models"].items():
         lines += [f"### {name} (ANN {m['ann_top1']:.2f}%)", "",
                   f"Measured with `{m.get('command', command)}` on {m.get('date', res['date'])}, "

@@ -206,8 +206,8 @@ class SpikingSDPA(nn.Module):
             # a constant operand (a learned query, as in attention pooling) needs no neuron: its product is linear
             self.q_neuron, self.k_neuron, self.v_neuron = (nn.Identity() if c else make_neuron(True) for c in constant)
             masked = [mask_p > 0 and name in mask_operands for name in MASK_OPERANDS]
-            self.fanout = mask_fanout and any(masked)
-            self.qk = MaskedSpikeProduct() if self.fanout and any(masked[:2]) else SpikeProduct()
+            fanout = mask_fanout and any(masked)
+            self.qk = MaskedSpikeProduct() if fanout and any(masked[:2]) else SpikeProduct()
             row_max = attention_map == "row_max"
             if row_max and centre_values:
                 raise ValueError("value centring applies to the softmax attention map: the row_max map is "
@@ -216,12 +216,12 @@ class SpikingSDPA(nn.Module):
             self.attn_neuron = make_neuron(row_max)  # row_max: signed, so that later steps can take back spikes
             # its last axis is the key position: per-key thresholds only where the token count is fixed
             self.attn_neuron.channelwise = fixed_tokens
-            self.av = MaskedSpikeProduct() if self.fanout and masked[2] else SpikeProduct()
+            self.av = MaskedSpikeProduct() if fanout and masked[2] else SpikeProduct()
             self.q_mask, self.k_mask, self.attn_mask = (SpikeMask(mask_p, seed + i, mask_schedule) if m else
                                                         nn.Identity() for i, m in enumerate(masked))
             self.mask_gain = 1.0 / (1.0 - mask_p) if mask_rescale else 1.0  # per operand a mask is applied to
             # the floor: half a kept spike's share of the row sums (all of them where only fan-out is masked)
-            floor = 0.5 * (1.0 - mask_p) if masked[2] and not self.fanout else 0.5
+            floor = 0.5 * (1.0 - mask_p) if masked[2] and not fanout else 0.5
             self.normalise = RowNormalisation(floor) if row_max else None
             self.centring = ValueCentring() if centre_values else None
         elif variant == "ssa":

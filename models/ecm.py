@@ -288,9 +288,9 @@ class MaskedSpikeProduct(SpikeProduct):
         from_b = None if self.sum_a is None else self.op(self.sum_a, kept_b)  # S_A(t-1), before it takes a(t)
         self.sum_a = _accumulate(self.sum_a, a)
         self.sum_b = _accumulate(self.sum_b, b)
-        increment = _gained(self.op(kept_a, self.sum_b), gain_a)
+        increment = _scaled(self.op(kept_a, self.sum_b), gain_a)
         if from_b is not None:
-            increment = increment + _gained(from_b, gain_b)
+            increment = increment + _scaled(from_b, gain_b)
         self.total = _accumulate(self.total, increment)
         out, self.prev = _compensated_step(self.total.clone(), self.prev, self.t, divide=True)
         return out
@@ -302,8 +302,8 @@ class MaskedSpikeProduct(SpikeProduct):
         sa = _running(self.unfold(a), self.sum_a, None, 0, divide=False, keep_last=False)[0]
         sb = _running(self.unfold(b), self.sum_b, None, 0, divide=False, keep_last=False)[0]
         before_a = torch.zeros_like(sa[:1]) if self.sum_a is None else self.sum_a.unsqueeze(0)
-        increments = self.unfold(_gained(self.op(kept_a, self.fold(sb)), gain_a))
-        increments = increments + self.unfold(_gained(self.op(self.fold(torch.cat([before_a, sa[:-1]])), kept_b),
+        increments = self.unfold(_scaled(self.op(kept_a, self.fold(sb)), gain_a))
+        increments = increments + self.unfold(_scaled(self.op(self.fold(torch.cat([before_a, sa[:-1]])), kept_b),
                                                       gain_b))
         totals = _running_sums(increments, self.total)
         t0, before = self.t, self.prev
@@ -312,7 +312,3 @@ class MaskedSpikeProduct(SpikeProduct):
             self.total = totals[-1].clone()
             self.prev = totals[-1] / self.t
         return self.fold(_compensated(totals, before, self.step_index(totals) + t0, t0, divide=True))
-
-
-def _gained(y: torch.Tensor, gain: float) -> torch.Tensor:
-    return y if gain == 1.0 else y * gain
