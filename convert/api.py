@@ -30,7 +30,7 @@ DEFAULTS: Dict[str, Any] = dict(neuron="signed_if", levels=1, v_init=None, codin
                                 correction="none", num_images=None,
                                 attention="ecm",
                                 mask_p=0.0, mask_rescale=False, mask_operands="q+k+attn", mask_schedule="random",
-                                mask_fanout=False, attention_map="row_max", centre_values=False,
+                                mask_fanout=False, mask_seed=0, attention_map="row_max", centre_values=False,
                                 residual="membrane", norm="ecm", step_mode="s",
                                 chunk=None, compile=False, progress=True)
 
@@ -73,7 +73,7 @@ def build_spiking(ann: nn.Module, timesteps: int, options: Dict[str, Any],
                         example=example, mask_rescale=bool(opts["mask_rescale"]), norm=opts["norm"],
                         mask_operands=tuple(opts["mask_operands"].split("+")), mask_schedule=opts["mask_schedule"],
                         centre_values=bool(opts["centre_values"]), attention_map=opts["attention_map"],
-                        mask_fanout=bool(opts["mask_fanout"]))
+                        mask_fanout=bool(opts["mask_fanout"]), mask_seed=int(opts["mask_seed"]))
     net = rewriter.convert_root(net)
     set_coding(net, opts["coding"], float(opts["hysteresis"]))
     if rewriter.specialised:  # shape-dependent code was fixed to the conversion's image size

@@ -59,6 +59,7 @@ class AttentionConfig:
     mask_operands: str = MISSING
     mask_schedule: str = MISSING
     mask_fanout: bool = MISSING
+    mask_seed: int = MISSING
     map: str = MISSING
     centre_values: bool = MISSING
     residual: str = MISSING
@@ -184,6 +185,7 @@ def convert_options(cfg: DictConfig) -> Dict[str, Any]:
                 attention=cfg.attention.name, mask_p=cfg.attention.mask_p,
                 mask_rescale=cfg.attention.mask_rescale, mask_operands=cfg.attention.mask_operands,
                 mask_schedule=cfg.attention.mask_schedule, mask_fanout=cfg.attention.mask_fanout,
+                mask_seed=cfg.attention.mask_seed,
                 attention_map=cfg.attention.map,
                 centre_values=cfg.attention.centre_values,
                 residual=cfg.attention.residual,

@@ -44,7 +44,7 @@ from torch import nn
 from torch.fx._symbolic_trace import PH
 
 from convert import ops
-from models.attention import MASK_OPERANDS, SpikingSDPA
+from models.attention import MASK_OPERANDS, MASK_SEED_STRIDE, SpikingSDPA
 from models.ecm import ExpectationCompensation, Method, SpikeProduct
 from models.neurons import BaseNeuron, IFNeuron
 from models.normalization import ConstantNorm
@@ -271,7 +271,7 @@ class Rewriter:
 
     ``make_neuron(signed)``: the neuron in front of a Linear input or a product operand; ``attention``:
     ecm, psa (with ``mask_p``, ``mask_rescale``, ``mask_operands``, ``mask_schedule``, ``mask_fanout``:
-    models.attention), ssa or
+    models.attention; ``mask_seed``: the masks' draw, MASK_SEED_STRIDE apart), ssa or
     a2os2a; ``attention_map``: what ecm and psa spike (row_max or softmax, models.attention); ``centre_values``:
     with the softmax map, the value centring (models.attention.ValueCentring);
     ``spike_driven``: every Linear input is a binary IF neuron (Spikingformer); ``norm``: ecm (LayerNorm /
@@ -282,13 +282,14 @@ class Rewriter:
                  spike_driven: bool = False, fixed_tokens: bool = True,
                  example: Optional[torch.Tensor] = None, mask_rescale: bool = False, norm: str = "ecm",
                  mask_operands: Tuple[str, ...] = MASK_OPERANDS, mask_schedule: str = "random",
-                 centre_values: bool = False, attention_map: str = "row_max", mask_fanout: bool = False) -> None:
+                 centre_values: bool = False, attention_map: str = "row_max", mask_fanout: bool = False,
+                 mask_seed: int = 0) -> None:
         self.make_neuron = make_neuron
         self.centre_values, self.attention_map = centre_values, attention_map
         self.norm = norm
         self.attention, self.mask_p, self.spike_driven = attention, mask_p, spike_driven
         self.mask_rescale, self.mask_operands, self.mask_schedule = mask_rescale, mask_operands, mask_schedule
-        self.mask_fanout = mask_fanout
+        self.mask_fanout, self.mask_seed = mask_fanout, mask_seed
         self.fixed_tokens = fixed_tokens
         self.example = example
         self.first_layers: Set[str] = set()
@@ -762,8 +763,9 @@ class _GraphState:
             self.fail(node, f"attention={rw.attention} has no softmax to take this attention's mask (relative "
                             f"position bias, shifted windows or a causal mask): use attention=ecm or psa here")
         rw.attention_count += 1  # each attention core draws its own psa masks
+        seed = 3 * rw.attention_count + MASK_SEED_STRIDE * rw.mask_seed
         core = SpikingSDPA(rw.attention, rw.make_neuron, fixed_tokens=rw.fixed_tokens, mask_p=rw.mask_p,
-                           seed=3 * rw.attention_count, constant=tuple(not self.kind(x) for x in (q, k, v)),
+                           seed=seed, constant=tuple(not self.kind(x) for x in (q, k, v)),
                            mask_rescale=rw.mask_rescale, mask_operands=rw.mask_operands,
                            mask_schedule=rw.mask_schedule, centre_values=rw.centre_values,
                            attention_map=rw.attention_map, mask_fanout=rw.mask_fanout)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 MAX_LEVELS = 1024  # more levels per step than this is an analog neuron: alphabet and calibration stay bounded
 MAX_MULTI_THRESHOLD_LEVELS = 30
 MAX_TIMESTEPS = 65536
+MAX_MASK_SEED = 2 ** 40  # times models.attention.MASK_SEED_STRIDE (2^20): within torch's 64-bit seeds
 MAX_HYSTERESIS = 8.0  # the mean's error bound grows as (1/2 + s) theta / t: beyond this the code is useless
 DEVICES = "auto, cpu, cuda or cuda:N"
 
@@ -174,6 +175,8 @@ def keys() -> List[Key]:
             api="mask_schedule"),
         Key("attention.mask_fanout", "bool", "psa: a mask skips only its spikes' fan-out into the product; the "
             "product's running sums keep every spike", api="mask_fanout"),
+        Key("attention.mask_seed", "int", "psa: which draw of the masks (each attention core draws its own)",
+            low=0, high=MAX_MASK_SEED, api="mask_seed"),
         Key("attention.map", "choice", "ecm, psa: the attention map the neuron spikes: row_max, exp(s - max_k s) "
             "(each row peaks at 1), normalised after A V by its spiked row sums; softmax, the probabilities",
             choices=c["attention_map"], api="attention_map"),
@@ -272,7 +275,7 @@ def check_combination(o: Dict[str, Any]) -> None:
         raise ValueError(f"the ternary neuron has exactly one level (k in {{-1, 0, 1}}): neuron.levels must be 1, "
                          f"got {o['levels']}")
     for key, default in (("mask_rescale", False), ("mask_operands", "q+k+attn"), ("mask_schedule", "random"),
-                         ("mask_fanout", False)):
+                         ("mask_fanout", False), ("mask_seed", 0)):
         if o[key] != default and o["attention"] != "psa":
             raise ValueError(f"attention.{key}={o[key]} applies to attention=psa only (attention is "
                              f"{o['attention']!r})")

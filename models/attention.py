@@ -76,6 +76,7 @@ class ChannelAffine(nn.Module):
 
 
 MASK_SCHEDULES = ("random", "even")
+MASK_SEED_STRIDE = 1 << 20  # draw d of the masks seeds core c operand i with 3 c + i + d 2^20
 MASK_OPERANDS = ("q", "k", "attn")
 
 

@@ -227,6 +227,33 @@ def test_psa_masks_repeat_exactly_and_differ_between_steps():
     assert masks[0].any() and not torch.equal(masks[0], masks[1])
 
 
+@pytest.mark.parametrize("schedule", ["random", "even"])
+def test_psa_mask_seed_picks_another_draw_of_every_core(schedule):
+    """mask_seed=0 is the default draw; another seed draws other masks in every core and operand (each core's
+    own seeds stay distinct), the same seed the same masks."""
+    x = _images(2)
+
+    def psa(**seed):
+        return convert(build("cls_token"), x, timesteps=4, attention="psa", mask_p=0.5, mask_schedule=schedule,
+                       progress=False, **seed)
+
+    def masks(snn):
+        out = []
+        hooks = [m.register_forward_hook(lambda m, i, o: out.append((o == 0) & (i[0] != 0)))
+                 for m in snn.net.modules() if isinstance(m, SpikeMask)]
+        snn.simulate(x, timesteps=2)
+        for h in hooks:
+            h.remove()
+        return out
+
+    default, zero, one, again = (psa(), psa(mask_seed=0), psa(mask_seed=1), psa(mask_seed=1))
+    assert torch.equal(default.simulate(x), zero.simulate(x)) and torch.equal(one.simulate(x), again.simulate(x))
+    assert not torch.equal(default.simulate(x), one.simulate(x))
+    seeds = [m.seed for snn in (default, one) for m in snn.net.modules() if isinstance(m, SpikeMask)]
+    assert len(set(seeds)) == len(seeds)
+    assert all(a.any() and not torch.equal(a, b) for a, b in zip(masks(default), masks(one)))
+
+
 def assert_spike_driven_inputs_binary(snn):
     first = snn.net.patch_embed.proj
     linears = [(n, m) for n, m in snn.net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m is not first]
@@ -583,6 +610,8 @@ def test_attention_map_sums_count_their_additions(options, part, operands, inner
     (dict(mask_schedule="even"), "attention.mask_schedule=even applies to attention=psa only"),
     (dict(mask_fanout=True), "attention.mask_fanout=True applies to attention=psa only"),
     (dict(attention="psa", mask_p=0.2, mask_fanout="maybe"), "attention.mask_fanout must be true or false"),
+    (dict(mask_seed=1), "attention.mask_seed=1 applies to attention=psa only"),
+    (dict(attention="psa", mask_p=0.2, mask_seed=-1), "attention.mask_seed must be an integer in 0..1099511627776"),
     (dict(attention="psa", mask_p=0.2, mask_operands="v"), "unknown attention.mask_operands 'v': use one of q"),
     (dict(attention="psa", mask_p=0.2, mask_schedule="sobol"), "unknown attention.mask_schedule 'sobol'"),
     (dict(attention="ssa", centre_values=True), "attention.centre_values=true applies to attention=ecm or psa"),
