@@ -209,12 +209,27 @@ def test_psa_quick_runs_and_renders(tmp_path_factory, monkeypatch):
     (tmp / "psa.json").write_text(json.dumps(saved))
     other = {**res, "date": "now", "images": 16, "models": {"vit_fmnist_gap": res["models"]["vit_fmnist"]}}
     monkeypatch.setattr(psa, "measure", lambda *args: json.loads(json.dumps(other)))
-    both = psa.measure_keeping_others(argparse.Namespace(models=["vit_fmnist_gap"], timesteps=[2], eval_images=16,
-                                                         out=tmp))
+    args = argparse.Namespace(models=["vit_fmnist_gap"], timesteps=[2], eval_images=16, out=tmp, mask_p=[0.5],
+                              masks=None, mask_seeds=1)
+    both = psa.measure_keeping_others(args)
     assert list(both["models"]) == ["vit_fmnist", "vit_fmnist_gap"]
-    assert [(m["date"], m["images"]) for m in both["models"].values()] == [("then", 32), ("now", 16)]
+    assert [(r["date"], r["images"]) for r in (psa._runs(m, both)[-1] for m in both["models"].values())] == \
+        [("then", 32), ("now", 16)]
     md = psa.markdown(both, "latest")
     assert "`python -m benchmarks.psa` on then, 32 test images" in md and "on now, 16 test images" in md
+    # more draws of one setting on the same test images: its row is replaced by their mean, the others stay
+    (tmp / "psa.json").write_text(json.dumps(both))
+    monkeypatch.undo()
+    name = "Q, K; even; rescaled; fan-out"
+    seeded = psa.measure_keeping_others(argparse.Namespace(**{**vars(args), "models": ["vit_fmnist"],
+                                                              "eval_images": 32, "masks": [name], "mask_seeds": 2}))
+    new_rows = seeded["models"]["vit_fmnist"]["rows"]
+    assert [(r["mask_p"], r["masks"]) for r in new_rows] == [(r["mask_p"], r["masks"]) for r in rows]
+    draws = [r for r in new_rows if "draws" in r]
+    assert [r["masks"] for r in draws] == [name] and len(draws[0]["draws"]) == 2
+    assert draws[0]["top1"] == pytest.approx(sum(draws[0]["draws"]) / 2)
+    assert all(a == b for a, b in zip(new_rows, rows) if a["masks"] not in ("-", name))
+    assert len(seeded["models"]["vit_fmnist"]["runs"]) == 2 and "mean of 2 draws" in psa.markdown(seeded, "latest")
 
 
 def test_softmax_free_quick_runs_and_renders(monkeypatch):
