@@ -41,6 +41,8 @@ VARIANTS = {"ssa": dict(attention="ssa"), "a2os2a": dict(attention="a2os2a"),
             "spike_driven": dict(residual="spike_driven"), "ecm (default)": {},
             "ssa, constant norm": dict(attention="ssa", norm="constant"),
             "spike_driven, constant norm": dict(residual="spike_driven", norm="constant"),
+            # no softmax, no LayerNorm, a binary input to every Linear layer
+            "ssa, spike_driven, constant norm": dict(attention="ssa", residual="spike_driven", norm="constant"),
             # before calibration.input_offsets: binary inputs clipped at 0
             "spike_driven, input_offsets=false": dict(residual="spike_driven", input_offsets=False),
             "spike_driven, constant norm, input_offsets=false": dict(residual="spike_driven", norm="constant",
