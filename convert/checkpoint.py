@@ -79,6 +79,11 @@ def _unshared(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], 
     return tensors, aliases
 
 
+# what a conversion did before each of these options existed: attention_map (2026-12-07) spiked the softmax;
+# mask_fanout and mask_seed (2026-12-08) dropped masked spikes and drew seed 0
+BEFORE_OPTIONS = {"attention_map": "softmax", "mask_fanout": False, "mask_seed": 0}
+
+
 def read_metadata(path: Path) -> dict:
     """The checkpoint's config; ValueError naming the file when it is not one of ours."""
     if not path.is_file():
@@ -99,8 +104,8 @@ def read_metadata(path: Path) -> dict:
     if version > VERSION:
         raise ValueError(f"{path} was written by a newer format version ({version} > {VERSION}): "
                          f"upgrade vit-snn to load it")
-    if isinstance(config.get("options"), dict):  # files from before attention_map was an option spiked the softmax
-        config["options"] = {"attention_map": "softmax", **config["options"]}
+    if isinstance(config.get("options"), dict):  # an option a file predates: what its conversion did
+        config["options"] = {**BEFORE_OPTIONS, **config["options"]}
     return config
 
 

@@ -220,6 +220,7 @@ def test_psa_quick_runs_and_renders(tmp_path_factory, monkeypatch):
     # more draws of one setting on the same test images: its row is replaced by their mean, the others stay
     (tmp / "psa.json").write_text(json.dumps(both))
     monkeypatch.undo()
+    monkeypatch.setattr(psa, "command_line", lambda module: f"python -m {module} --mask-seeds 2")
     name = "Q, K; even; rescaled; fan-out"
     seeded = psa.measure_keeping_others(argparse.Namespace(**{**vars(args), "models": ["vit_fmnist"],
                                                               "eval_images": 32, "masks": [name], "mask_seeds": 2}))
@@ -229,7 +230,9 @@ def test_psa_quick_runs_and_renders(tmp_path_factory, monkeypatch):
     assert [r["masks"] for r in draws] == [name] and len(draws[0]["draws"]) == 2
     assert draws[0]["top1"] == pytest.approx(sum(draws[0]["draws"]) / 2)
     assert all(a == b for a, b in zip(new_rows, rows) if a["masks"] not in ("-", name))
-    assert len(seeded["models"]["vit_fmnist"]["runs"]) == 2 and "mean of 2 draws" in psa.markdown(seeded, "latest")
+    assert [r["command"] for r in seeded["models"]["vit_fmnist"]["runs"]] == \
+        ["python -m benchmarks.psa", "python -m benchmarks.psa --mask-seeds 2"]
+    assert "mean of 2 draws" in psa.markdown(seeded, "latest")
 
 
 def test_softmax_free_quick_runs_and_renders(monkeypatch):

@@ -286,6 +286,30 @@ def test_max_steps_then_resume_equals_one_run(tmp_path):
         assert torch.equal(v, rest.net.state_dict()[k]), k
 
 
+def test_a_checkpoint_from_before_the_fanout_and_seed_options_resumes(tmp_path):
+    """A fine-tuning checkpoint whose options predate mask_fanout and mask_seed did what their defaults do now:
+    the run resumes from it (its options are read with those values) and ends as one uninterrupted run."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    data = _data(32)
+    full = _snn()
+    finetune(full, data, epochs=2, batch_size=8, progress=False)
+    ckpt = tmp_path / "ft.safetensors"
+    finetune(_snn(), data, epochs=2, batch_size=8, max_steps=5, checkpoint_path=ckpt, progress=False)
+    with safe_open(str(ckpt), "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["config"])
+    for key in ("mask_fanout", "mask_seed"):
+        del config["options"][key]
+    save_file(tensors, str(ckpt), metadata={**meta, "config": json.dumps(config)})
+    rest = _snn()
+    finetune(rest, data, epochs=2, batch_size=8, resume=ckpt, progress=False)
+    assert rest.finetune_report["complete"]
+    for k, v in full.net.state_dict().items():
+        assert torch.equal(v, rest.net.state_dict()[k]), k
+
+
 def test_resume_with_a_teacher_refuses_another_starting_network(tmp_path):
     """The distillation teacher is the network passed in: resuming into the fine-tuned network itself (whose
     exact analog mode is no longer the ANN) is refused; a fresh conversion resumes."""
