@@ -68,6 +68,16 @@ def command_line(module: str, skip=()) -> str:
     return shlex.join(["python", "-m", module, *(a for a in sys.argv[1:] if a not in skip)])
 
 
+def with_run(runs: list, run: dict) -> list:
+    """A results file's ``runs`` (dicts with a 'command') with ``run`` last, in place of an earlier run of the same
+    command."""
+    return [r for r in runs if r["command"] != run["command"]] + [run]
+
+
+def run_text(run: dict) -> str:
+    return f"`{run['command']}` on {run['date']}"
+
+
 def machine_info(data_source: str) -> dict:
     return {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
                        f"({torch.get_num_threads()} threads)",

@@ -21,7 +21,7 @@ import json
 
 from torch.utils.data import DataLoader, Subset
 
-from benchmarks.core import calibration_images, command_line, machine_info
+from benchmarks.core import calibration_images, command_line, machine_info, run_text, with_run
 from benchmarks.outputs import benchmark_main
 from convert import convert, energy_report
 from convert.evaluate import evaluate
@@ -103,14 +103,10 @@ def measure_keeping_others(args) -> dict:
         if prev and prev["runs"][-1]["images"] == new["images"]:
             fresh = {_order(r): r for r in m["rows"]}
             m["rows"] = sorted([fresh.pop(_order(r), r) for r in prev["rows"]] + list(fresh.values()), key=_order)
-            runs = [r for r in prev["runs"] if r["command"] != run["command"]] + runs
+            runs = with_run(prev["runs"], run)
         m["runs"] = runs
     new["models"] = {**old["models"], **new["models"]}
     return new
-
-
-def _run_text(run: dict) -> str:
-    return f"`{run['command']}` on {run['date']}"
 
 
 def _runs(model: dict, res: dict) -> list:
@@ -130,7 +126,7 @@ def markdown(res: dict, command: str) -> str:
     for name, m in res["models"].items():
         runs = _runs(m, {"command": command, **res})
         lines += [f"### {name} (ANN {m['ann_top1']:.2f}%)", "",
-                  f"Measured with {', '.join(_run_text(r) for r in runs)}, "
+                  f"Measured with {', '.join(map(run_text, runs))}, "
                   f"{runs[-1]['images']} test images.", "",
                   "| T | mask_p | masks | top-1 | drop vs ecm | Q K^T SOPs vs ecm | A V SOPs vs ecm | energy vs ecm |",
                   "|---|---|---|---|---|---|---|---|"]

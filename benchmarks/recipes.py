@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, Subset
 
-from benchmarks.core import accuracy_and_energy, calibration_images, command_line, machine_info
+from benchmarks.core import accuracy_and_energy, calibration_images, command_line, machine_info, run_text, with_run
 from benchmarks.outputs import benchmark_main
 from convert import convert, finetune
 from convert.finetune import default_lr, first_batches, start_agreement
@@ -107,13 +107,12 @@ def joined(res: dict, old: dict | None) -> dict:
     run = {"command": command_line("benchmarks.recipes"), "date": res["date"]}
     if old is None:
         return {**res, "runs": [run]}
-    runs = [r for r in old.get("runs", [{"command": old["command"], "date": old["date"]}])
-            if r["command"] != run["command"]]
+    runs = with_run(old.get("runs", [{"command": old["command"], "date": old["date"]}]), run)
     models = old["models"]
     for name, m in res["models"].items():
         recipes = {**models.get(name, {}).get("recipes", {}), **m["recipes"]}
         models[name] = {**m, "recipes": dict(sorted(recipes.items(), key=lambda r: list(RECIPES).index(r[0])))}
-    return {**res, "models": models, "runs": runs + [run]}
+    return {**res, "models": models, "runs": runs}
 
 
 def markdown(res: dict, command: str) -> str:
@@ -141,8 +140,7 @@ def markdown(res: dict, command: str) -> str:
 
 def markdown_over_t(res: dict, command: str) -> str:
     ts = res["timesteps"]
-    runs = " and ".join(f"`{r['command']}` on {r['date']}"
-                        for r in res.get("runs", [{"command": command, "date": res["date"]}]))
+    runs = " and ".join(map(run_text, res.get("runs", [{"command": command, "date": res["date"]}])))
     lines = [BEGIN_OVER_T, f"## Fine-tuning recipes at T={', '.join(map(str, ts))}: what {res['steps']} steps of "
              f"batch 64 buy", "",
              f"Measured with {runs}: {res['machine']}; top-1 at step T on {res['images']} test "

@@ -190,6 +190,13 @@ def test_recipes_over_t_joins_the_saved_rows_of_the_same_t_steps_and_images(tmp_
             recipes.saved_over_t(saved, *other)
 
 
+def test_a_rerun_of_the_same_command_replaces_its_run():
+    from benchmarks.core import with_run
+    runs = [{"command": "a", "date": "1"}, {"command": "b", "date": "2"}]
+    assert with_run(runs, {"command": "a", "date": "3"}) == [runs[1], {"command": "a", "date": "3"}]
+    assert with_run(runs, {"command": "c", "date": "3"}) == runs + [{"command": "c", "date": "3"}]
+
+
 def test_psa_quick_runs_and_renders(tmp_path_factory, monkeypatch):
     from benchmarks import psa
     res = psa.measure(["vit_fmnist"], [2], (0.5,), eval_images=32)
